@@ -1,0 +1,210 @@
+"""Benchmark: grading a rollout batch, naive math-verify loop vs corea's batched grader.
+
+Batch: ``--prompts`` x ``--group-size`` responses (default 1024 x 8 = 8,192). Gold answers are drawn from
+MATH-500, GSM8K and the DeepMath-style sample (``/work/shared/data`` when present, else the shipped
+fixtures). Each response's answer is the gold (sometimes an equivalent rewrite), a perturbed answer (number + 1,
+swapped fraction, another number or a changed expression, another question's gold) or, for 2% of them, a pathological answer
+(power towers, huge powers and factorials, 10,000 nested braces, a 1 MB answer, invalid UTF-8). Each answer is
+wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
+
+(a) naive: ``math_verify.verify(math_verify.parse(gold), math_verify.parse(response))`` per response, one after
+    another in the main thread, math-verify's default settings (signal-based timeouts); the gold is parsed as
+    ``\\boxed{gold}``. Pathological responses get corea's pre-screen instead (math-verify alone can hang on
+    them: its alarm cannot interrupt a C-level big-integer power).
+(b) corea: ``corea.rewards.batch_group_rewards(groups)`` (parse, grade, rewards) with a fresh worker pool per
+    run, started and warmed up before the clock starts: pool start-up is excluded. Timed with and without the
+    pathological responses; pathological_overhead = (t_with - t_clean) / t_clean. Medians over ``--repeats``.
+Warm-up: both (a) and (b) first grade an untimed batch of 256 prompts whose golds are disjoint from the timed
+batch's (math-verify's ANTLR parser and sympy warm up over the first calls; no timed gold is cached).
+
+    python bench/grading.py [--prompts 1024] [--group-size 8] [--seed 0] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+SHARED = Path("/work/shared/data")
+FIXTURES = Path(__file__).resolve().parents[1] / "corea" / "data" / "fixtures"
+SOURCES = {"math500": ("math500.jsonl", "math500.jsonl"), "gsm8k": ("gsm8k.jsonl", "gsm8k.jsonl"),
+           "deepmath": ("deepmath_style_sample.jsonl", "deepmath_sample.jsonl")}
+PATHOLOGICAL = [
+    "9^{9^{9^{9}}}", "(x+1)^{100000}", "{" * 10_000 + "1" + "}" * 10_000, "7" * 1_000_000, b"\xff\xfe\xfd12",
+    "100000000!", "10^{10^{10}}", "(a+b+c+d)^{50}", "2^{2^{2^{2^{2^{2}}}}}", "x" * 200_000,
+]
+
+
+def load_golds() -> list[str]:
+    golds = []
+    for name, (shared, fixture) in SOURCES.items():
+        path = SHARED / shared if (SHARED / shared).exists() else FIXTURES / fixture
+        with open(path, encoding="utf-8") as f:
+            golds += [str(json.loads(line)["answer"]) for line in f if line.strip()]
+        print(f"  golds from {path}")
+    return [g for g in golds if g.strip()]
+
+
+def equivalent(gold: str, rng: random.Random) -> str:
+    """The gold, or a rewrite math-verify treats as equal."""
+    roll = rng.random()
+    if roll < 0.15 and "\\frac" in gold:
+        return gold.replace("\\frac", "\\dfrac")
+    if roll < 0.25 and re.fullmatch(r"\d+", gold):
+        return rng.choice([f"\\${gold}", f"{gold}.0", f"{int(gold):,}"])
+    if roll < 0.3:
+        return f" {gold} "
+    return gold
+
+
+def perturb(gold: str, pool: list[str], rng: random.Random) -> str:
+    """A (most likely) wrong answer."""
+    roll = rng.random()
+    numbers = list(re.finditer(r"\d+", gold))
+    if roll < 0.4 and numbers:
+        m = rng.choice(numbers)
+        return gold[: m.start()] + str(int(m.group()) + 1) + gold[m.end() :]
+    if roll < 0.55 and (m := re.search(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", gold)):
+        return gold[: m.start()] + f"\\frac{{{m.group(2)}}}{{{m.group(1)}}}" + gold[m.end() :]
+    if roll < 0.75 and re.fullmatch(r"-?\d+", gold):
+        return str(rng.choice([2 * int(gold), int(gold) - 1, -int(gold), int(gold) // 10]))
+    if roll < 0.75:
+        return rng.choice([f"{gold} + 1", f"2\\left({gold}\\right)", f"-{gold}", f"\\sqrt{{{gold}}}"])
+    return rng.choice(pool)
+
+
+def build(prompts: int, group_size: int, pool: list[str], rng: random.Random) -> tuple[list, set]:
+    groups, patho, k = [], set(), 0
+    for p in range(prompts):
+        gold = rng.choice(pool)
+        responses = []
+        for i in range(group_size):
+            if rng.random() < 0.02:
+                answer = PATHOLOGICAL[k % len(PATHOLOGICAL)]
+                k += 1
+                patho.add((p, i))
+            elif rng.random() < 0.5:
+                answer = equivalent(gold, rng)
+            else:
+                answer = perturb(gold, pool, rng)
+            head = "Let me reason step by step.\nSo the final answer is "
+            if isinstance(answer, bytes):
+                responses.append(head.encode() + b"\\boxed{" + answer + b"}\n\\confidence{0.8}")
+            else:
+                responses.append(f"{head}\\boxed{{{answer}}}\n\\confidence{{0.8}}")
+        groups.append((responses, gold, "math"))
+    return groups, patho
+
+
+def batches(prompts: int, group_size: int, seed: int) -> tuple[list, set, list]:
+    """The timed batch and a warm-up batch (256 prompts) whose golds are disjoint from it."""
+    rng = random.Random(seed)
+    pool = sorted(set(load_golds()))
+    rng.shuffle(pool)
+    timed_pool, warm_pool = pool[: len(pool) // 2], pool[len(pool) // 2 :]
+    groups, patho = build(prompts, group_size, timed_pool, rng)
+    warm, _ = build(256, group_size, warm_pool, rng)
+    return groups, patho, warm
+
+
+def naive(groups: list, patho: set) -> tuple[float, list[list[bool]]]:
+    import math_verify
+
+    from corea.grading import prescreen
+    from corea.protocol import parse_response
+
+    out = []
+    start = time.perf_counter()
+    for p, (responses, gold, _) in enumerate(groups):
+        row = []
+        for i, response in enumerate(responses):
+            if (p, i) in patho:
+                answer = parse_response(response).answer or ""
+                row.append(False if prescreen(answer, gold) else None)  # None: the pre-screen let it through
+            else:
+                row.append(bool(math_verify.verify(math_verify.parse("\\boxed{" + gold + "}"),
+                                                   math_verify.parse(response))))
+        out.append(row)
+    return time.perf_counter() - start, out
+
+
+def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, list[list[bool]]]:
+    from corea import grading
+    from corea.rewards import batch_group_rewards
+
+    grading.configure(processes=workers).warmup()  # a fresh pool: no gold of this batch cached by an earlier run
+    batch_group_rewards(warm)
+    start = time.perf_counter()
+    rewards = batch_group_rewards(groups)
+    elapsed = time.perf_counter() - start
+    return elapsed, [[r.correct for r in row] for row in rewards]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="grader processes (default: os.cpu_count())")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from corea import grading
+
+    print(__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0])
+    groups, patho, warm = batches(args.prompts, args.group_size, args.seed)
+    clean = [([r for i, r in enumerate(rs) if (p, i) not in patho], g, k) for p, (rs, g, k) in enumerate(groups)]
+    n = sum(len(rs) for rs, _, _ in groups)
+    print(f"\nbatch: {len(groups)} prompts, {n} responses, {len(patho)} pathological; "
+          f"pool: {grading.Grader(args.workers).processes} workers, per-step deadline {grading.TIMEOUT_S} s")
+
+    with_s, clean_s, ours = [], [], None
+    for _ in range(args.repeats):
+        t, ours = corea_run(groups, warm, args.workers)
+        with_s.append(t)
+        clean_s.append(corea_run(clean, warm, args.workers)[0])
+    t_with, t_clean = statistics.median(with_s), statistics.median(clean_s)
+    print(f"(b) corea: {t_with:.2f} s with pathological, {t_clean:.2f} s clean "
+          f"(runs: {', '.join(f'{t:.2f}' for t in with_s)} | {', '.join(f'{t:.2f}' for t in clean_s)})")
+
+    naive(warm, set())  # the same warm-up for the naive loop's process
+    t_naive, plain = naive(groups, patho)
+    print(f"(a) naive: {t_naive:.2f} s")
+
+    agree, differ, screened_out = 0, [], 0
+    for p, (rs, gold, _) in enumerate(groups):
+        for i, (a, b) in enumerate(zip(plain[p], ours[p])):
+            if (p, i) in patho:
+                screened_out += a is False
+                continue
+            if a == b:
+                agree += 1
+            else:
+                differ.append((gold, grading.parse_response(rs[i]).answer, a, b))
+    total = n - len(patho)
+    print(f"verdicts: {agree}/{total} non-pathological agree; pathological: {screened_out}/{len(patho)} rejected "
+          f"by the pre-screen, all False in corea: {all(not ours[p][i] for p, i in patho)}")
+    for gold, answer, a, b in differ[:30]:
+        print(f"  differ: gold={gold!r} answer={answer!r} naive={a} corea={b}")
+    speedup = t_naive / t_with
+    overhead = (t_with - t_clean) / t_clean
+    print(f"\nspeedup = naive / corea = {speedup:.1f}x; pathological_overhead = {overhead:+.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "naive_s": t_naive, "corea_s": t_with, "corea_clean_s": t_clean, "speedup": speedup,
+            "pathological_overhead": overhead, "responses": n, "prompts": len(groups),
+            "pathological": len(patho), "agree": agree, "compared": total, "differ": len(differ),
+            "workers": grading.Grader(args.workers).processes, "repeats": args.repeats,
+        }, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Command line: ``corea train | ...``. Each subcommand is the same code as its ``ray_jobs/`` entrypoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from corea.train.config import load_config
+    from corea.train.loop import train
+
+    cfg = load_config(args.config, dict(kv.split("=", 1) for kv in args.set))
+    last = train(cfg, resume=args.resume)
+    print(f"training finished; last checkpoint: {last}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corea", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="RLCC / RLVR training on Ray")
+    p.add_argument("--config", required=True, help="training YAML (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.steps=4 (repeatable)")
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"corea {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

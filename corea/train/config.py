@@ -1,0 +1,151 @@
+"""RLCC training configuration: validated YAML (pydantic), checked before any actor starts.
+
+A model path of the form ``tiny:slm`` or ``tiny:llm`` builds a tiny random checkpoint on the spot (under
+``output.dir/models``); anything else is a local folder or an object-storage URI of a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from corea.rewards import CONFIDENCE_REWARDS, RewardWeights
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    policy: str = "tiny:slm"
+    reference: str | None = None  # defaults to the policy's initial weights
+    seed: int = 0  # for tiny checkpoints
+
+
+class EngineConfig(_Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    options: dict = Field(default_factory=dict)  # passed to load_engine (dtype, tensor_parallel_size, ...)
+
+
+class DataConfig(_Strict):
+    dataset: str = "synthetic_sums"  # a registered dataset name
+    path: str | None = None  # None: the shipped fixture
+    split: str | None = "train"
+    limit: int | None = Field(None, ge=1)
+
+
+class RewardConfig(_Strict):
+    confidence_reward: str = "l1"
+    weights: RewardWeights = Field(default_factory=RewardWeights)
+
+    @model_validator(mode="after")
+    def _known(self) -> "RewardConfig":
+        if self.confidence_reward not in CONFIDENCE_REWARDS:
+            raise ValueError(f"confidence_reward must be one of {sorted(CONFIDENCE_REWARDS)}")
+        return self
+
+
+class RolloutConfig(_Strict):
+    n: int = Field(8, ge=2, description="responses per prompt (the group size G)")
+    prompts_per_step: int = Field(8, ge=1, description="rollout batch, in prompts")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1)
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(2, ge=1)
+    train_batch_prompts: int = Field(8, ge=1, description="prompts per optimizer step")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    clip_eps: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.001, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+
+
+class ResourcesConfig(_Strict):
+    rollout_workers: int = Field(1, ge=1)
+    rollout_cpus: float = Field(1, ge=0)
+    rollout_gpus: float = Field(0, ge=0)
+    reward_actors: int = Field(1, ge=1)
+    reward_cpus: float = Field(1, ge=0)
+    trainers: int = Field(1, ge=1, description="data-parallel DeepSpeed ranks")
+    trainer_cpus: float = Field(1, ge=0)
+    trainer_gpus: float = Field(0, ge=0)
+    reference_cpus: float = Field(1, ge=0)
+    reference_gpus: float = Field(0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs/tiny-rlcc"
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+
+
+class TrainConfig(_Strict):
+    name: str = "rlcc"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> "TrainConfig":
+        if self.rollout.prompts_per_step % self.optim.train_batch_prompts:
+            raise ValueError(
+                f"optim.train_batch_prompts ({self.optim.train_batch_prompts}) must divide "
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step})"
+            )
+        per_rank = self.optim.train_batch_prompts * self.rollout.n
+        if per_rank % (self.resources.trainers * self.optim.micro_batch_size):
+            raise ValueError(
+                f"a train batch of {per_rank} sequences does not split into {self.resources.trainers} trainers x "
+                f"micro-batches of {self.optim.micro_batch_size} (optim.micro_batch_size)"
+            )
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir)
+
+
+class ConfigError(ValueError):
+    """An invalid config file; the message names the file and the field."""
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.steps``) applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid config: {fields}") from exc

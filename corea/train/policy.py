@@ -1,0 +1,187 @@
+"""The policy under training (one DeepSpeed rank) and the frozen reference model.
+
+Both are plain classes; ``corea.train.actors`` runs them as Ray actors. DeepSpeed uses its CPU accelerator
+(gloo, fp32) where no GPU is visible and CUDA (NCCL, bf16 if configured) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from corea.train.config import OptimConfig
+from corea.train.grpo import grpo_loss
+from corea.train.sequences import RolloutSequence, pack, repack, score, unpack
+
+log = logging.getLogger(__name__)
+
+
+def _use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _load_causal_lm(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+
+
+def _micro_batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _max_gap(logprobs: Sequence[Sequence[float]], sequences: Sequence[RolloutSequence]) -> float:
+    """max |log pi_trainer - log pi_rollout| over response tokens: ~0 when the rollout used the current weights."""
+    gaps = [
+        abs(a - b)
+        for lp, s in zip(logprobs, sequences)
+        if s.rollout_logprobs is not None
+        for a, b in zip(lp, s.rollout_logprobs)
+    ]
+    return max(gaps, default=float("nan"))
+
+
+class ReferenceModel:
+    """Frozen initial weights; per-token log-probabilities of response tokens."""
+
+    def __init__(self, model_path: str, micro_batch_size: int = 8):
+        self.device = "cuda" if _use_cuda() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = _load_causal_lm(model_path, dtype).to(self.device).eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(self, sequences: Sequence[RolloutSequence]) -> list[list[float]]:
+        out: list[list[float]] = []
+        for chunk in _micro_batches(list(sequences), self.micro_batch_size):
+            batch = pack(chunk, self.pad_id).to(self.device)
+            logp, _ = score(self.model, batch)
+            out.extend(unpack(logp.float(), batch))
+        return out
+
+
+class Policy:
+    """One data-parallel rank of the policy: DeepSpeed engine, AdamW, GRPO update."""
+
+    def __init__(
+        self,
+        model_path: str,
+        optim: OptimConfig,
+        sequences_per_update: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        seed: int = 0,
+    ):
+        cuda = _use_cuda()
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+            WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+        )
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        torch.manual_seed(seed + rank)
+        self.optim, self.rank, self.world_size = optim, rank, world_size
+        if sequences_per_update % optim.micro_batch_size:
+            raise ValueError(f"{sequences_per_update} sequences per update is not a multiple of micro_batch_size")
+        self.sequences_per_update = sequences_per_update  # on this rank
+        model = _load_causal_lm(model_path, torch.float32)
+        if optim.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.pad_id = model.config.pad_token_id or 0
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config())
+        self.device = self.engine.device
+
+    def _ds_config(self) -> dict:
+        o = self.optim
+        return {
+            "train_micro_batch_size_per_gpu": o.micro_batch_size,
+            "gradient_accumulation_steps": self.sequences_per_update // o.micro_batch_size,
+            "gradient_clipping": o.max_grad_norm,
+            "zero_optimization": {"stage": o.zero_stage},
+            "bf16": {"enabled": o.precision == "bf16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    @torch.no_grad()
+    def logprobs(self, sequences: Sequence[RolloutSequence]) -> list[list[float]]:
+        self.engine.eval()
+        out: list[list[float]] = []
+        for chunk in _micro_batches(list(sequences), self.optim.micro_batch_size):
+            batch = pack(chunk, self.pad_id).to(self.device)
+            logp, _ = score(self.engine, batch)
+            out.extend(unpack(logp.float(), batch))
+        return out
+
+    def train(self, sequences: Sequence[RolloutSequence], ref_logprobs: Sequence[Sequence[float]] | None) -> dict[str, float]:
+        """GRPO on this rank's share of one rollout step: one optimizer step per ``sequences_per_update``
+        sequences, gradients accumulated over micro-batches (DeepSpeed averages them, and over ranks).
+        The old log-probs of the PPO ratio are those of the weights at entry."""
+        sequences = list(sequences)
+        if not sequences or len(sequences) % self.sequences_per_update:
+            raise ValueError(f"{len(sequences)} sequences do not split into updates of {self.sequences_per_update}")
+        old = self.logprobs(sequences)
+        self.engine.train()
+        totals: dict[str, float] = {"rollout_logprob_gap": _max_gap(old, sequences)}
+        chunks = list(_micro_batches(list(range(len(sequences))), self.optim.micro_batch_size))
+        for idx in chunks:
+            batch = pack([sequences[i] for i in idx], self.pad_id).to(self.device)
+            logp, entropy = score(self.engine, batch, with_entropy=True)
+            old_t = repack([old[i] for i in idx], batch).to(self.device)
+            ref_t = repack([ref_logprobs[i] for i in idx], batch).to(self.device) if ref_logprobs else None
+            adv = torch.tensor([sequences[i].advantage for i in idx], device=self.device)
+            terms = grpo_loss(
+                logp, old_t, ref_t, adv, batch.mask, entropy,
+                clip_eps=self.optim.clip_eps, kl_coef=self.optim.kl_coef, entropy_coef=self.optim.entropy_coef,
+            )
+            self.engine.backward(terms.loss)
+            self.engine.step()  # applies the optimizer only at the accumulation boundary
+            for name in ("loss", "policy_loss", "kl", "entropy", "clip_fraction", "ratio_mean"):
+                totals[name] = totals.get(name, 0.0) + float(getattr(terms, name))
+        totals = {k: v if k == "rollout_logprob_gap" else v / len(chunks) for k, v in totals.items()}
+        totals["optimizer_steps"] = float(self.engine.global_steps)
+        return totals
+
+    def _module(self):
+        return self.engine.module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full parameters on the CPU under their Hugging Face names (gathered under ZeRO-3)."""
+        module = self._module()
+        ctx = nullcontext()
+        if self.optim.zero_stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        with ctx:
+            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+
+    def save(self, folder: str | Path, tag: str = "state") -> None:
+        """Hugging Face weights under ``folder/hf`` (rank 0) and DeepSpeed state under ``folder/deepspeed``
+        (all ranks, collective)."""
+        folder = Path(folder)
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=tag)
+        state = self.state_dict()
+        if self.rank == 0:
+            self._module().save_pretrained(folder / "hf", state_dict=state, safe_serialization=True)
+
+    def load(self, folder: str | Path, tag: str = "state") -> None:
+        """Restore weights and optimizer state written by ``save``."""
+        path, _ = self.engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag=tag, load_optimizer_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {folder}/deepspeed")

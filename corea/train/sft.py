@@ -1,0 +1,124 @@
+"""Supervised fine-tuning with Ray Train (``TorchTrainer``) and DeepSpeed: warm starts and the Router baseline.
+
+Each example is a chat prompt and the target response; the loss is the mean token cross-entropy of the
+response tokens only (the prompt is context). Rank 0 writes the Hugging Face checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per worker per step")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+    seed: int = 0
+
+
+def _render(tokenizer, prompt) -> str:
+    """A plain-text prompt as is; chat messages through the chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def _tokenize(tokenizer, prompt_text: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response + EOS and the number of prompt tokens."""
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+def _train_loop(config: dict) -> None:
+    import deepspeed
+    import torch
+    from ray import train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corea.train.sequences import RolloutSequence, pack
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    cfg = SFTConfig(**config["sft"])
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(config["model_path"], torch_dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer,
+        config={"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.use_gpu},
+                "gradient_clipping": 1.0, "steps_per_print": 10**9},
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shard = train.get_dataset_shard("train")
+    for epoch in range(cfg.epochs):
+        losses = []
+        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
+                                        local_shuffle_seed=cfg.seed + epoch):
+            seqs = []
+            for prompt, response in zip(batch["prompt"], batch["response"]):
+                ids, n_prompt = _tokenize(tokenizer, prompt, response)
+                seqs.append(RolloutSequence(ids[:n_prompt], ids[n_prompt:]))
+            packed = pack(seqs, pad).to(engine.device)
+            logits = engine(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                                    packed.targets.reshape(-1), reduction="none").view_as(packed.mask)
+            loss = (nll * packed.mask).sum() / packed.mask.sum().clamp(min=1)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        train.report({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
+    if train.get_context().get_world_rank() == 0:
+        out = Path(config["out_dir"])
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+
+def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFTConfig | None = None) -> Path:
+    """Fine-tune ``model_path`` on ``examples`` ({"prompt": str | chat messages, "response": str}) with Ray
+    Train; returns ``out_dir``, a Hugging Face checkpoint. ``out_dir`` must be on storage rank 0 can write."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    cfg = cfg or SFTConfig()
+    if not examples:
+        raise ValueError("SFT needs at least one example")
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    rows = [{"prompt": _render(tokenizer, e["prompt"]), "response": e["response"]} for e in examples]
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"sft": cfg.model_dump(), "model_path": str(model_path), "out_dir": str(out_dir)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=f"sft-{out_dir.name}", storage_path=str(out_dir.parent / "ray_train")),
+        datasets={"train": ray.data.from_items(rows)},
+    )
+    result = trainer.fit()
+    log.info("SFT finished: %s", result.metrics)
+    if not (out_dir / "config.json").exists():
+        raise RuntimeError(f"SFT finished without writing {out_dir}")
+    return out_dir

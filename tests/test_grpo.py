@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from corea.train import grpo
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = grpo.group_advantages(r, group_size=4)
+    # group 1: mean 0.5, population std 0.5 -> +-1 (up to eps)
+    assert torch.allclose(a[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    # group 2: all equal -> zero advantage
+    assert torch.equal(a[4:], torch.zeros(4))
+    with pytest.raises(ValueError):
+        grpo.group_advantages(torch.ones(5), 4)
+
+
+def test_group_advantages_three():
+    a = grpo.group_advantages(torch.tensor([3.0, 0.0, 0.0]), 3)
+    std = math.sqrt(((3 - 1) ** 2 + 1 + 1) / 3)
+    assert torch.allclose(a, torch.tensor([2 / std, -1 / std, -1 / std]), atol=1e-5)
+
+
+def test_k3_kl_hand_computed():
+    logp = torch.tensor([math.log(0.5), math.log(0.25)])
+    ref = torch.tensor([math.log(0.25), math.log(0.25)])
+    kl = grpo.k3_kl(logp, ref)
+    d = math.log(0.5)  # ref - logp for the first token
+    assert kl[0].item() == pytest.approx(math.exp(d) - d - 1)
+    assert kl[1].item() == pytest.approx(0.0)
+    assert (grpo.k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_entropy_and_token_logprobs():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))
+    ent = grpo.entropy_from_logits(logits)
+    assert ent[0, 0].item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+    assert ent[0, 1].item() == pytest.approx(math.log(3))
+    lp = grpo.token_logprobs(logits, torch.tensor([[0, 2]]))
+    assert lp[0, 0].item() == pytest.approx(math.log(0.5)) and lp[0, 1].item() == pytest.approx(math.log(1 / 3))
+
+
+def test_clipped_loss_hand_computed():
+    # two sequences of two tokens; the second token of sequence 2 is padding
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 1.0], [0.5, 1.0]]))  # ratios 1.5, 1.0 | 0.5, (pad)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    terms = grpo.grpo_loss(logp, old, None, adv, mask, clip_eps=0.2)
+    # token losses: -min(1.5, 1.2)*1 = -1.2 ; -1*1 = -1 ; -min(0.5*-2, 0.8*-2) = 1.6
+    assert terms.policy_loss.item() == pytest.approx((-1.2 - 1.0 + 1.6) / 3)
+    assert terms.clip_fraction.item() == pytest.approx(2 / 3)
+    assert terms.loss.item() == pytest.approx(terms.policy_loss.item())
+    assert terms.ratio_mean.item() == pytest.approx((1.5 + 1.0 + 0.5) / 3)
+
+
+def test_loss_with_kl_and_entropy_and_gradient():
+    logp = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    ent = torch.tensor([[1.0, 3.0]])
+    terms = grpo.grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), ent, kl_coef=0.1, entropy_coef=0.01)
+    kl0 = 0.5 - math.log(0.5) - 1
+    assert terms.kl.item() == pytest.approx(kl0 / 2)
+    assert terms.entropy.item() == pytest.approx(2.0)
+    assert terms.loss.item() == pytest.approx(-1.0 + 0.1 * kl0 / 2 - 0.01 * 2.0)
+    terms.loss.backward()
+    # d/dlogp of -rho*A at rho=1 is -A/2 per token; plus the KL gradient 0.1*(1 - exp(d))/2
+    assert logp.grad[0, 0].item() == pytest.approx(-0.5 + 0.1 * (1 - 0.5) / 2)
+    assert logp.grad[0, 1].item() == pytest.approx(-0.5)

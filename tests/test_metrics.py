@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from corea import metrics
+
+
+def test_pass_at_1_and_ratio():
+    assert metrics.pass_at_1([1, 0, 1, 1]) == 0.75
+    assert metrics.confidence_output_ratio([0.1, None, float("nan"), 0.9]) == 0.5
+    with pytest.raises(ValueError):
+        metrics.pass_at_1([])
+
+
+def test_ece_hand_computed():
+    # bins: 0.95 -> bin 9 (two items, 1 correct): |0.5 - 0.95| * 2/4
+    #       0.15 -> bin 1 (two items, 0 correct): |0 - 0.15| * 2/4
+    conf = [0.95, 0.95, 0.15, 0.15]
+    y = [1, 0, 0, 0]
+    assert metrics.ece(conf, y) == pytest.approx(0.5 * 0.45 + 0.5 * 0.15)
+
+
+def test_ece_perfect_and_edges():
+    assert metrics.ece([1.0, 1.0, 0.0], [1, 1, 0]) == pytest.approx(0.0)  # 1.0 falls in the last bin
+    assert math.isnan(metrics.ece([None, None], [1, 0]))
+    # missing confidences are ignored, not counted as zero
+    assert metrics.ece([1.0, None], [1, 0]) == pytest.approx(0.0)
+
+
+def test_reliability_bins():
+    bins = metrics.reliability_bins([0.05, 0.12, 0.18, 0.99], [0, 1, 0, 1], n_bins=10)
+    assert [b.count for b in bins] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert bins[1].accuracy == 0.5 and bins[1].confidence == pytest.approx(0.15)
+    assert math.isnan(bins[2].accuracy)
+
+
+def test_auroc_hand_computed_with_ties():
+    # positives {0.8, 0.5}, negatives {0.5, 0.2}: pairs (0.8>0.5)=1, (0.8>0.2)=1, (0.5=0.5)=0.5, (0.5>0.2)=1
+    conf, y = [0.8, 0.5, 0.5, 0.2], [1, 1, 0, 0]
+    assert metrics.auroc(conf, y) == pytest.approx(3.5 / 4)
+    assert metrics.auroc(conf, y) == pytest.approx(roc_auc_score(y, conf))
+    assert metrics.auroc([0.5, 0.5, 0.5], [1, 0, 1]) == pytest.approx(0.5)
+    assert math.isnan(metrics.auroc([0.2, 0.9], [1, 1]))
+
+
+def test_auroc_matches_sklearn_random():
+    rng = np.random.default_rng(0)
+    conf = rng.integers(0, 11, 300) / 10  # many ties
+    y = rng.random(300) < conf
+    assert metrics.auroc(conf, y) == pytest.approx(roc_auc_score(y, conf))
+
+
+def test_bootstrap_intervals_cover_point():
+    rng = np.random.default_rng(1)
+    conf = rng.random(400)
+    y = rng.random(400) < conf
+    for interval in (
+        metrics.pass_at_1_ci(y, n_boot=200),
+        metrics.ece_ci(conf, y, n_boot=200),
+        metrics.auroc_ci(conf, y, n_boot=200),
+    ):
+        assert interval.low <= interval.value <= interval.high
+        assert interval.high - interval.low < 0.2
+    ratio = metrics.confidence_output_ratio_ci([0.5, None] * 50, n_boot=200)
+    assert ratio.value == 0.5 and ratio.low < 0.5 < ratio.high
+    # a constant metric has a zero-width interval; same seed, same interval
+    a = metrics.pass_at_1_ci([1, 1, 1], n_boot=50, seed=3)
+    assert (a.low, a.high) == (1.0, 1.0)
+    assert metrics.auroc_ci(conf, y, n_boot=50, seed=7) == metrics.auroc_ci(conf, y, n_boot=50, seed=7)
+
+
+def test_length_mismatch():
+    with pytest.raises(ValueError):
+        metrics.ece([0.5], [1, 0])
