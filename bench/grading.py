@@ -14,8 +14,8 @@ wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
 (b) corea: ``corea.rewards.batch_group_rewards(groups)`` (parse, grade, rewards) with a fresh worker pool per
     run, started and warmed up before the clock starts: pool start-up is excluded. Timed with and without the
     pathological responses; pathological_overhead = (t_with - t_clean) / t_clean. Medians over ``--repeats``.
-Warm-up: both (a) and (b) first grade an untimed batch of 256 prompts whose golds are disjoint from the timed
-batch's (math-verify's ANTLR parser and sympy warm up over the first calls; no timed gold is cached).
+Warm-up: both (a) and (b) first grade an untimed batch of 256 prompts drawn from the other half of the gold rows
+(math-verify's ANTLR parser and sympy warm up over their first calls; no timed prompt's gold is cached).
 
     python bench/grading.py [--prompts 1024] [--group-size 8] [--seed 0] [--repeats 3] [--json out.json]
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import re
 import statistics
@@ -81,8 +82,8 @@ def perturb(gold: str, pool: list[str], rng: random.Random) -> str:
 
 def build(prompts: int, group_size: int, pool: list[str], rng: random.Random) -> tuple[list, set]:
     groups, patho, k = [], set(), 0
-    for p in range(prompts):
-        gold = rng.choice(pool)
+    golds = rng.sample(pool, prompts) if prompts <= len(pool) else [rng.choice(pool) for _ in range(prompts)]
+    for p, gold in enumerate(golds):
         responses = []
         for i in range(group_size):
             if rng.random() < 0.02:
@@ -103,9 +104,9 @@ def build(prompts: int, group_size: int, pool: list[str], rng: random.Random) ->
 
 
 def batches(prompts: int, group_size: int, seed: int) -> tuple[list, set, list]:
-    """The timed batch and a warm-up batch (256 prompts) whose golds are disjoint from it."""
+    """The timed batch and a warm-up batch (256 prompts) drawn from disjoint halves of the gold rows."""
     rng = random.Random(seed)
-    pool = sorted(set(load_golds()))
+    pool = load_golds()
     rng.shuffle(pool)
     timed_pool, warm_pool = pool[: len(pool) // 2], pool[len(pool) // 2 :]
     groups, patho = build(prompts, group_size, timed_pool, rng)
@@ -113,14 +114,14 @@ def batches(prompts: int, group_size: int, seed: int) -> tuple[list, set, list]:
     return groups, patho, warm
 
 
-def naive(groups: list, patho: set) -> tuple[float, list[list[bool]]]:
+def naive(groups: list, patho: set) -> tuple[float, float, list[list[bool]]]:
     import math_verify
 
     from corea.grading import prescreen
     from corea.protocol import parse_response
 
     out = []
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     for p, (responses, gold, _) in enumerate(groups):
         row = []
         for i, response in enumerate(responses):
@@ -131,19 +132,32 @@ def naive(groups: list, patho: set) -> tuple[float, list[list[bool]]]:
                 row.append(bool(math_verify.verify(math_verify.parse("\\boxed{" + gold + "}"),
                                                    math_verify.parse(response))))
         out.append(row)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
 
 
-def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, list[list[bool]]]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc); 0 when unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, float, list[list[bool]]]:
+    """(wall s, CPU s of this process and the workers, verdicts) of batch_group_rewards on ``groups``."""
     from corea import grading
     from corea.rewards import batch_group_rewards
 
-    grading.configure(processes=workers).warmup()  # a fresh pool: no gold of this batch cached by an earlier run
+    grader = grading.configure(processes=workers)  # a fresh pool: no gold of this batch cached earlier
+    grader.warmup()
     batch_group_rewards(warm)
-    start = time.perf_counter()
+    before = {pid: _cpu_s(pid) for pid in grader.worker_pids()}
+    cpu, start = time.process_time(), time.perf_counter()
     rewards = batch_group_rewards(groups)
-    elapsed = time.perf_counter() - start
-    return elapsed, [[r.correct for r in row] for row in rewards]
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    cpu += sum(_cpu_s(pid) - before.get(pid, 0.0) for pid in set(before) | set(grader.worker_pids()))
+    return elapsed, cpu, [[r.correct for r in row] for row in rewards]
 
 
 def main() -> None:
@@ -165,18 +179,18 @@ def main() -> None:
     print(f"\nbatch: {len(groups)} prompts, {n} responses, {len(patho)} pathological; "
           f"pool: {grading.Grader(args.workers).processes} workers, per-step deadline {grading.TIMEOUT_S} s")
 
-    with_s, clean_s, ours = [], [], None
+    with_s, clean_s, with_cpu, ours = [], [], [], None
     for _ in range(args.repeats):
-        t, ours = corea_run(groups, warm, args.workers)
+        t, cpu, ours = corea_run(groups, warm, args.workers)
         with_s.append(t)
+        with_cpu.append(cpu)
         clean_s.append(corea_run(clean, warm, args.workers)[0])
-    t_with, t_clean = statistics.median(with_s), statistics.median(clean_s)
-    print(f"(b) corea: {t_with:.2f} s with pathological, {t_clean:.2f} s clean "
+    t_with, t_clean, cpu_with = (statistics.median(x) for x in (with_s, clean_s, with_cpu))
+    print(f"(b) corea: {t_with:.2f} s with pathological ({cpu_with:.2f} CPU s, all processes), {t_clean:.2f} s clean "
           f"(runs: {', '.join(f'{t:.2f}' for t in with_s)} | {', '.join(f'{t:.2f}' for t in clean_s)})")
-
     naive(warm, set())  # the same warm-up for the naive loop's process
-    t_naive, plain = naive(groups, patho)
-    print(f"(a) naive: {t_naive:.2f} s")
+    t_naive, cpu_naive, plain = naive(groups, patho)
+    print(f"(a) naive: {t_naive:.2f} s ({cpu_naive:.2f} CPU s)")
 
     agree, differ, screened_out = 0, [], 0
     for p, (rs, gold, _) in enumerate(groups):
@@ -193,12 +207,13 @@ def main() -> None:
           f"by the pre-screen, all False in corea: {all(not ours[p][i] for p, i in patho)}")
     for gold, answer, a, b in differ[:30]:
         print(f"  differ: gold={gold!r} answer={answer!r} naive={a} corea={b}")
-    speedup = t_naive / t_with
-    overhead = (t_with - t_clean) / t_clean
-    print(f"\nspeedup = naive / corea = {speedup:.1f}x; pathological_overhead = {overhead:+.3f}")
+    speedup, cpu_ratio, overhead = t_naive / t_with, cpu_naive / cpu_with, (t_with - t_clean) / t_clean
+    print(f"\nspeedup = naive / corea = {speedup:.2f}x wall ({cpu_ratio:.2f}x in CPU seconds); "
+          f"pathological_overhead = {overhead:+.3f}")
     if args.json:
         args.json.write_text(json.dumps({
             "naive_s": t_naive, "corea_s": t_with, "corea_clean_s": t_clean, "speedup": speedup,
+            "naive_cpu_s": cpu_naive, "corea_cpu_s": cpu_with, "cpu_speedup": cpu_ratio,
             "pathological_overhead": overhead, "responses": n, "prompts": len(groups),
             "pathological": len(patho), "agree": agree, "compared": total, "differ": len(differ),
             "workers": grading.Grader(args.workers).processes, "repeats": args.repeats,

@@ -241,16 +241,33 @@ def _log10_value(t: str, depth: int = 0) -> float | None:
     return None
 
 
-def _operand(s: str, i: int, pairs: dict[int, int], after: bool) -> tuple[str, bool]:
-    """The operand after (exponent) or before (base) the ``^`` at ``i``, and whether it is bracketed."""
-    if after:
+_TOKEN = re.compile(r"\s*(?:\d+(?:\.\d+)?|\\?[A-Za-z]+)")
+
+
+def _exponent(s: str, i: int, pairs: dict[int, int]) -> str:
+    """The exponent after the ``^`` at ``i``, with any further ``^`` chained to it (a^b^c = a^(b^c))."""
+    parts = []
+    while True:
         j = i + 1
         while j < len(s) and s[j] == " ":
             j += 1
         if j < len(s) and s[j] in "{(":
-            return s[j + 1 : pairs.get(j, len(s))], True
-        m = re.compile(r"\d+(?:\.\d+)?|\\?[A-Za-z]+").match(s, j)
-        return (m.group() if m else ""), False
+            end = pairs.get(j, len(s))
+            parts.append(s[j : end + 1])
+        elif m := _TOKEN.match(s, j):
+            end = m.end() - 1
+            parts.append(m.group())
+        else:
+            return "^".join(parts)
+        i = end + 1
+        while i < len(s) and s[i] == " ":
+            i += 1
+        if i >= len(s) or s[i] != "^":
+            return "^".join(parts)
+
+
+def _base(s: str, i: int, pairs: dict[int, int]) -> tuple[str, bool]:
+    """The base before the ``^`` at ``i`` and whether it is bracketed."""
     j = i - 1
     while j >= 0 and s[j] == " ":
         j -= 1
@@ -274,11 +291,11 @@ def _measures(s: str) -> tuple[float, float, float, int]:
         return 0.0, 0.0, 0.0, deepest
     exp_lg = mono_lg = fact_lg = 0.0
     for m in re.finditer(r"\^", s):
-        exponent = _log10_value(_operand(s, m.start(), pairs, after=True)[0])
+        exponent = _log10_value(_exponent(s, m.start(), pairs))
         if exponent is None:
             continue
         exp_lg = max(exp_lg, exponent)
-        base, grouped = _operand(s, m.start(), pairs, after=False)
+        base, grouped = _base(s, m.start(), pairs)
         if grouped and re.search(r"[A-Za-z]", _STRUCTURAL.sub("", base)) and (t := _terms(base)) > 1:
             n = 10 ** min(exponent, 12)
             mono_lg = max(mono_lg, (math.lgamma(n + t) - math.lgamma(n + 1) - math.lgamma(t)) / math.log(10))
@@ -385,6 +402,38 @@ _WARMUP = [("\\frac{1}{2}", "0.5"), ("\\frac{8\\pi}{9}", "-\\frac{8\\pi}{9}"), (
            ("f(x) = x + C", "x + C"), ("\\text{Yes}", "\\text{No}"), ("2^{10}", "1024"), ("\\log_2 8", "3")]
 
 
+_PROBE_POINT = (0.7391, 1.2347, 0.5813, 1.618, 0.9127, 1.4142, 0.3433)
+
+
+def _install_numeric_probe(grader_module) -> None:
+    """Let math-verify skip ``simplify(a - b)`` when a and b clearly differ at one real point.
+
+    Its symbols are real, and ``simplify(a - b)`` is zero only for an identity over the reals, so a relative
+    difference |a - b| > 1e-9 (1 + |a| + |b|) at a point where both are finite means "not equal" either way; an
+    inconclusive probe (undefined, unevaluated calculus, matrices, sets) defers to ``simplify`` unchanged.
+    """
+    import cmath
+
+    import sympy
+
+    simplify_eq = grader_module.sympy_symbolic_eq
+    heavy = (sympy.Sum, sympy.Product, sympy.Integral, sympy.Limit, sympy.Derivative)
+
+    def differ(a, b) -> bool:
+        try:
+            if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)) or a.has(*heavy) or b.has(*heavy):
+                return False
+            symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+            point = {x: sympy.Float(_PROBE_POINT[i % 7] + i // 7, 30) for i, x in enumerate(symbols)}
+            va, vb = complex(a.subs(point).evalf(30)), complex(b.subs(point).evalf(30))
+        except Exception:
+            return False
+        finite = cmath.isfinite(va) and cmath.isfinite(vb)
+        return finite and abs(va - vb) > 1e-9 * (1 + abs(va) + abs(vb))
+
+    grader_module.sympy_symbolic_eq = lambda a, b: False if differ(a, b) else simplify_eq(a, b)
+
+
 def _worker_main(conn, memory_limit_mb: int | None) -> None:
     """Worker loop: receive (gold, answers), send ("gold",) then ("answer", verdict) per answer."""
     import logging
@@ -408,7 +457,10 @@ def _worker_main(conn, memory_limit_mb: int | None) -> None:
         except (ImportError, ValueError, OSError):
             pass
     import math_verify
+    import math_verify.grader
 
+    if hasattr(math_verify.grader, "sympy_symbolic_eq"):
+        _install_numeric_probe(math_verify.grader)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     for gold, answer in _WARMUP:  # first calls into sympy are slow: pay for them before taking work
@@ -599,9 +651,15 @@ class Grader:
                     worker = self._acquire(block=not active)
                     if worker is None:
                         break
+                    try:
+                        if worker.proc.poll() is not None:
+                            raise BrokenPipeError("worker exited while idle")
+                        worker.conn.send((jobs[0].gold, jobs[0].answers))
+                    except OSError:  # died while idle (killed from outside): nothing was started, retry
+                        self._replace(worker)
+                        continue
                     job = jobs.popleft()
                     job.worker = worker
-                    worker.conn.send((job.gold, job.answers))
                     job.deadline = time.monotonic() + (self.timeout_s if worker.ready else STARTUP_TIMEOUT_S)
                     active[worker.conn] = job
                 if not active:

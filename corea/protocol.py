@@ -36,6 +36,8 @@ _SCRIPTS = {
     "devanagari": re.compile(r"[\u0900-\u097f]"),
     "thai": re.compile(r"[\u0e00-\u0e7f]"),
 }
+# LaTeX command names (\boxed, \frac, \confidence) and $...$ maths are notation, not language.
+_NOTATION = re.compile(r"\\[A-Za-z]+|\$[^$]*\$")
 #: Share of a response's script letters allowed outside the prompt's scripts before it counts as a switch.
 LANGUAGE_SWITCH_TOLERANCE = 0.02
 
@@ -134,7 +136,8 @@ def parse_response(text: str | bytes) -> ParsedResponse:
 
 
 def script_counts(text: str) -> dict[str, int]:
-    """Number of letters of each tracked script in ``text``."""
+    """Number of letters of each tracked script in ``text``, LaTeX commands and $...$ maths left out."""
+    text = _NOTATION.sub(" ", text)
     return {name: len(pattern.findall(text)) for name, pattern in _SCRIPTS.items()}
 
 

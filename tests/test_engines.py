@@ -146,6 +146,23 @@ def test_stop_token_ids_end_the_sample(engine):
     assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: first + 1]
 
 
+def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
+    """A model whose residual stream is one constant vector, with an output head that only scores EOS."""
+    engine = HFEngine(tiny_checkpoints["slm"])
+    sd = engine.model.state_dict()
+    e = torch.randn(sd["model.embed_tokens.weight"].shape[1])
+    eos = engine.tokenizer.eos_token_id
+    update = {"model.embed_tokens.weight": e.expand_as(sd["model.embed_tokens.weight"]).clone()}
+    update.update({k: torch.zeros_like(v) for k, v in sd.items() if k.endswith(("o_proj.weight", "down_proj.weight"))})
+    head = torch.zeros_like(sd["lm_head.weight"])
+    head[eos] = e
+    engine.update_weights({**update, "lm_head.weight": head})
+    for params in (greedy(8), SamplingParams(n=3, max_tokens=8, seed=0)):
+        for sample in engine.generate(PROMPTS, params)[0].samples:
+            assert sample.token_ids == [eos] and sample.finish_reason == "stop" and sample.text == ""
+            assert len(sample.logprobs) == 1 and sample.logprobs[0] > -1e-3
+
+
 def test_max_tokens_gives_length(engine):
     sample = engine.generate(PROMPTS[:1], greedy(3))[0].samples[0]
     assert sample.finish_reason == "length" and sample.output_tokens == 3

@@ -5,7 +5,8 @@ Decoding is a manual token loop rather than ``model.generate`` so that it can
 - prefill each distinct prompt once and fan its KV cache out to the ``n`` samples;
 - drop finished samples from the batch (EOS, stop token, stop string) instead of padding them on;
 - draw every sample from its own random stream: with ``SamplingParams.seed`` set, sample ``k`` of a prompt uses
-  uniforms derived from ``(seed, k)`` only, so results do not depend on batch size or on the other prompts;
+  uniforms derived from ``(seed, prompt token ids, k)`` only, so results do not depend on the batch size or on the
+  other prompts, and distinct prompts do not share random numbers;
 - report, for every sampled token, its log-probability under the *unmodified* model distribution (softmax of the
   raw logits: temperature 1, no top-p), which is what GRPO's importance ratios need.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import threading
 from dataclasses import dataclass, field
@@ -49,10 +51,10 @@ class _Row:
     finish_reason: str | None = None
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """The 63-bit seed of sample ``index`` of a request seeded with ``seed``."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def sample_seed(seed: int, prompt_token_ids: Sequence[int], index: int) -> int:
+    """The 63-bit seed of sample ``index`` of a prompt in a request seeded with ``seed``."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{','.join(map(str, prompt_token_ids))}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,8 @@ class HFEngine:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(int(t) for t in eos)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
 
     # ---------------------------------------------------------------- prompts
     def render(self, prompt: Prompt) -> str:
@@ -128,7 +132,8 @@ class HFEngine:
             rows = []
             for p in range(len(encoded)):
                 for k in range(params.n):
-                    rows.append(_Row(prompt=p, uniforms=None if greedy else self._uniforms(params, k)))
+                    uniforms = None if greedy else self._uniforms(params, encoded[p], k)
+                    rows.append(_Row(prompt=p, uniforms=uniforms))
             order = sorted(range(len(rows)), key=lambda r: (-len(encoded[rows[r].prompt]), r))
             for start in range(0, len(order), self.max_batch_size):
                 batch = [rows[r] for r in order[start : start + self.max_batch_size]]
@@ -138,8 +143,12 @@ class HFEngine:
             out[row.prompt].samples.append(self._finish(row, params))
         return out
 
-    def _uniforms(self, params: SamplingParams, index: int) -> torch.Tensor:
-        gen = self._rng if params.seed is None else torch.Generator().manual_seed(sample_seed(params.seed, index))
+    def _uniforms(self, params: SamplingParams, prompt_ids: list[int], index: int) -> torch.Tensor:
+        """``max_tokens`` uniforms in (0, 1): from the request seed if any, else from the engine's stream."""
+        if params.seed is None:
+            gen = self._rng
+        else:
+            gen = torch.Generator().manual_seed(sample_seed(params.seed, prompt_ids, index))
         return torch.rand(params.max_tokens, generator=gen, dtype=torch.float64).clamp_(min=1e-12).float()
 
     @torch.inference_mode()
@@ -162,23 +171,25 @@ class HFEngine:
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp_(min=0),
             use_cache=True,
-            logits_to_keep=1,
+            **self._last_logits_only,
         )
         fan = torch.tensor([slot[r.prompt] for r in rows], device=dev)
         cache = out.past_key_values
         cache.reorder_cache(fan)  # each sample gets its own copy of its prompt's KV cache
         logits, mask = out.logits[:, -1][fan], mask[fan]
         positions = mask.sum(-1)
-        uniforms = None if greedy else torch.stack([r.uniforms for r in rows])
+        uniforms = None if greedy else torch.stack([r.uniforms for r in rows]).to(dev)
         stop_ids = self.eos_token_ids | set(params.stop_token_ids)
         window = 4 * max((len(s) for s in params.stop), default=0) + 2  # tokens covering any stop string
         alive = list(range(len(rows)))
+        alive_idx = None
         for step in range(params.max_tokens):
             logits = logits.float()
             if greedy:
                 tokens = logits.argmax(-1)
             else:
-                tokens = sample_tokens(logits, params.temperature, params.top_p, uniforms[alive, step])
+                rows_u = uniforms[:, step] if len(alive) == len(rows) else uniforms[alive_idx, step]
+                tokens = sample_tokens(logits, params.temperature, params.top_p, rows_u)
             logprobs = torch.log_softmax(logits, -1).gather(1, tokens.unsqueeze(-1)).squeeze(-1)
             keep = []
             for j, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
@@ -204,6 +215,7 @@ class HFEngine:
                 cache.reorder_cache(idx)
                 tokens, mask, positions = tokens[idx], mask[idx], positions[idx]
                 alive = [alive[j] for j in keep]
+                alive_idx = torch.tensor(alive, device=dev)
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             out = self.model(
                 input_ids=tokens.unsqueeze(-1),

@@ -50,6 +50,19 @@ def _call_with_retry(call: Callable[[], Any], recover: Callable[[], None], what:
             recover()
 
 
+def _until_alive(call: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
+    """``ray.get(call())``, repeated while the actor is restarting (it comes back with ``max_restarts``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call())
+        except ACTOR_FAILURES:
+            if time.monotonic() > deadline:
+                raise
+            log.info("%s is restarting; waiting", what)
+            time.sleep(1.0)
+
+
 class ClusterActors:
     """Every actor of one training run."""
 
@@ -103,36 +116,49 @@ class ClusterActors:
             .remote(reference_path, cfg.optim.micro_batch_size)
         )
         self._weights: tuple[Any, int] | None = None  # (object ref of the latest state dict, version)
+        # wait for every constructor (model loading, DeepSpeed start-up) so step times measure steps
+        ray.get([a.__ray_ready__.remote() for a in [*self.rollout, *self.reward, *self.policy, self.reference]])
 
     # --- rollout -------------------------------------------------------------------------------------------
     def _resync(self, worker) -> None:
         if self._weights is not None:
             ref, version = self._weights
-            ray.get(worker.update_weights.remote(ref, version))
+            _until_alive(lambda: worker.update_weights.remote(ref, version), "rollout worker")
         else:
-            ray.get(worker.version.remote())  # waits until the restarted actor is up
+            _until_alive(worker.version.remote, "rollout worker")
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
-        """n samples per prompt across the rollout pool, in prompt order; each prompt's group stays whole."""
+        """n samples per prompt across the rollout pool, in prompt order; each prompt's group stays whole.
+
+        A shard is redone if its worker died during the call, or if it answered with stale weights (a worker
+        restarted between calls starts from the initial checkpoint): it is given the current weights first."""
+        expected = self._weights[1] if self._weights else 0
         shards = split_evenly(list(prompts), len(self.rollout))
         pending = [w.generate.remote(s, params) for w, s in zip(self.rollout, shards)]
         out: list[dict] = []
         for i, (worker, shard, ref) in enumerate(zip(self.rollout, shards, pending)):
             first = [ref]
-            out.extend(
-                _call_with_retry(
+            for _ in range(MAX_RETRIES + 1):
+                result = _call_with_retry(
                     lambda: first.pop() if first else worker.generate.remote(shard, params),
                     lambda: self._resync(worker),
                     f"rollout worker {i}",
                 )
-            )
+                if all(g["weights_version"] == expected for g in result):
+                    break
+                log.warning("rollout worker %d answered with stale weights (restarted?); resyncing and redoing", i)
+                self._resync(worker)
+            else:
+                raise RuntimeError(f"rollout worker {i} keeps answering with stale weights")
+            out.extend(result)
         return out
 
     def sync_weights(self, version: int) -> int:
         """Policy rank 0's weights -> every rollout worker, through the object store."""
         state_ref = self.policy[0].state_dict.remote()
         self._weights = (state_ref, version)
-        versions = ray.get([w.update_weights.remote(state_ref, version) for w in self.rollout])
+        versions = [_until_alive(lambda w=w: w.update_weights.remote(state_ref, version), "rollout worker")
+                    for w in self.rollout]
         if set(versions) != {version}:
             raise RuntimeError(f"rollout workers report weight versions {versions}, expected {version}")
         return version

@@ -1,0 +1,142 @@
+"""Serving benchmark: the cascade's own overhead on requests the SLM answers.
+
+Method
+    A local Ray cluster runs configs/serve-tiny-cpu.yaml with one replica per deployment, plus the standalone
+    SLM application (`direct_slm`): one Serve deployment that is both the HTTP ingress and the SLM engine,
+    with the same tier config (engine, micro-batching, threads), the same OpenAI schema, validation, prompt
+    (instruction appended) and response body. The cascade path is proxy -> CascadeIngress -> SLM replica
+    (a deployment-handle hop) -> confidence parse and routing decision; the direct path is proxy -> SLM
+    replica. Both answer with the same tiny SLM (`tiny:slm-confident`) at temperature 0 and max_tokens 16, on a
+    question it answers with confidence 0.9 at tau 0.5, so every cascade request stays on the SLM (checked).
+    The difference of the two latencies is what the cascade adds to serving the SLM alone.
+    Load: an httpx.AsyncClient closed loop with c in-flight requests (c = 1, 8, 32), after a warm-up; the two
+    paths alternate in rounds so that drift in machine load hits both. Requests/s = completed / wall time.
+    The load generator shares the machine's cores with Ray, so absolute figures are machine-bound.
+
+    python bench/serve.py [--requests 200] [--rounds 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUESTION = "What is 1 + 1?"  # the tiny confident SLM answers it with \confidence{0.9}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+async def load(url: str, model: str, concurrency: int, total: int, check_tier: bool) -> tuple[list[float], float]:
+    """Latencies (s) of ``total`` requests at ``concurrency`` in flight, and the wall time."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+            "max_tokens": 16, "corea": {"threshold": 0.5}}
+    latencies: list[float] = []
+    remaining = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        async def worker():
+            for _ in remaining:
+                start = time.perf_counter()
+                resp = await http.post(url, json=body)
+                latencies.append(time.perf_counter() - start)
+                if resp.status_code != 200:
+                    raise RuntimeError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
+                if check_tier and resp.json()["corea"]["tier"] != "slm":
+                    raise RuntimeError("a cascade request left the SLM; the benchmark would not measure overhead")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return latencies, wall
+
+
+def deploy(work_dir: Path, port: int):
+    import ray
+
+    from corea.serve.app import deploy as deploy_apps
+    from corea.serve.config import load_serve_config
+    from corea.serve.tiny import make_confident_slm
+
+    make_confident_slm(work_dir / "models" / "tiny-slm-confident-seed0")
+    cfg = load_serve_config(ROOT / "configs/serve-tiny-cpu.yaml", {
+        "work_dir": str(work_dir), "http.port": port, "direct_slm": {},
+        "slm.autoscaling.max_replicas": 1, "llm.autoscaling.max_replicas": 1,
+    })
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return deploy_apps(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per path, level and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    print(__doc__.split("Method", 1)[1].split("python bench", 1)[0].rstrip())
+    with tempfile.TemporaryDirectory(prefix="corea-bench-serve-") as tmp:
+        urls = deploy(Path(tmp), _free_port())
+        paths = {"cascade": (f"{urls['corea']}/v1/chat/completions", "corea-cascade", True),
+                 "direct": (f"{urls['corea-slm-direct']}/v1/chat/completions", "corea-slm", False)}
+        try:
+            for url, model, check in paths.values():  # warm-up: caches, connections, batcher
+                asyncio.run(load(url, model, 8, 64, check))
+            results = {}
+            for c in args.concurrency:
+                lat = {name: [] for name in paths}
+                wall = {name: 0.0 for name in paths}
+                for _ in range(args.rounds):
+                    for name, (url, model, check) in paths.items():
+                        values, seconds = asyncio.run(load(url, model, c, args.requests, check))
+                        lat[name] += values
+                        wall[name] += seconds
+                row = {}
+                for name in paths:
+                    row[f"{name}_rps"] = round(len(lat[name]) / wall[name], 1)
+                    row[f"{name}_p50_ms"] = round(1000 * statistics.median(lat[name]), 2)
+                    row[f"{name}_p99_ms"] = round(1000 * percentile(lat[name], 99), 2)
+                row["overhead_p50_ms"] = round(row["cascade_p50_ms"] - row["direct_p50_ms"], 2)
+                results[f"c{c}"] = row
+                print(f"c={c:<3} cascade {row['cascade_rps']:7.1f} req/s p50 {row['cascade_p50_ms']:7.2f} ms "
+                      f"p99 {row['cascade_p99_ms']:7.2f} ms | direct {row['direct_rps']:7.1f} req/s "
+                      f"p50 {row['direct_p50_ms']:7.2f} ms p99 {row['direct_p99_ms']:7.2f} ms | "
+                      f"overhead p50 {row['overhead_p50_ms']:+.2f} ms", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    target = results.get("c1", {}).get("overhead_p50_ms")
+    if target is not None:
+        print(f"cascade overhead at c=1, p50: {target:.2f} ms (target < 10 ms): {'met' if target < 10 else 'NOT met'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

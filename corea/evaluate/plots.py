@@ -1,0 +1,180 @@
+"""Report plots (matplotlib, Agg backend): Pareto curves, threshold curves, reliability diagrams, histograms.
+
+Group curves are the macro means over the group's datasets at each threshold (as in the tables); reliability
+diagrams and histograms pool the rows of the group's datasets.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from corea.metrics import reliability_bins  # noqa: E402
+
+_COLORS = {"SLM-Verb": "#7f7f7f", "RLVR-SLM-Verb": "#1f77b4", "RLVR-SLM-AvgProb": "#17becf",
+           "RLVR-SLM-Probe": "#9467bd", "Router + RLVR-SLM": "#8c564b", "Brier-SLM-Verb": "#ff7f0e",
+           "COREA": "#d62728", "LLM": "#2ca02c"}
+
+
+def _label(scope: str) -> str:
+    from corea.evaluate.report import _label as label
+
+    return label(scope)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the whole figure, right of the panels, every series named once."""
+    seen = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
+
+
+def _empty(ax) -> None:
+    ax.text(0.5, 0.5, "no confidence stated", transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def pareto(data, path: Path) -> Path:
+    """pass@1 (%) against relative cost (% of LLM-only) over the threshold sweep, one panel per group."""
+    groups = data.scopes
+    fig = Figure(figsize=(4.8 * len(groups) + 2.2, 4.4), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, g in zip(axes, groups):
+        for name, res in data.systems.items():
+            pts = res.sweeps.get(g)
+            if not pts:
+                continue
+            x = [100 * p.relative_cost for p in pts]
+            y = [100 * p.pass_at_1 for p in pts]
+            ax.plot(x, y, "-", lw=1.4, color=_COLORS.get(name), label=name, alpha=0.9)
+            d = res.at_default[g]
+            ax.plot(100 * d.relative_cost, 100 * d.pass_at_1, "o", color=_COLORS.get(name), ms=6, mec="black", mew=0.6)
+        if g in data.llm:
+            ax.plot(100, 100 * data.llm[g].pass_at_1, "*", color=_COLORS["LLM"], ms=14, mec="black", mew=0.6,
+                    label="LLM only")
+        ax.set_title(_label(g))
+        ax.set_xlabel("cost (% of LLM-only)")
+        ax.set_ylabel("pass@1 (%)")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    fig.suptitle("pass@1 vs cost over thresholds tau in [0, 1.1] (dots: default tau)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def threshold_curves(data, path: Path) -> Path:
+    """pass@1 (%) and relative cost (% of LLM-only) against tau, one column per group."""
+    groups = data.scopes
+    fig = Figure(figsize=(4.8 * len(groups) + 2.2, 7.0), layout="constrained")
+    axes = fig.subplots(2, len(groups), squeeze=False, sharex=True)
+    for col, g in enumerate(groups):
+        top, bottom = axes[0, col], axes[1, col]
+        for name, res in data.systems.items():
+            pts = res.sweeps.get(g)
+            if not pts:
+                continue
+            taus = [p.threshold for p in pts]
+            top.plot(taus, [100 * p.pass_at_1 for p in pts], color=_COLORS.get(name), label=name)
+            bottom.plot(taus, [100 * p.relative_cost for p in pts], color=_COLORS.get(name), label=name)
+        if g in data.llm:
+            top.axhline(100 * data.llm[g].pass_at_1, color=_COLORS["LLM"], ls="--", lw=1, label="LLM only")
+            bottom.axhline(100, color=_COLORS["LLM"], ls="--", lw=1, label="LLM only")
+        top.set_title(_label(g))
+        top.set_ylabel("pass@1 (%)")
+        bottom.set_ylabel("cost (% of LLM-only)")
+        bottom.set_xlabel("threshold tau")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    fig.suptitle("pass@1 and cost against the threshold tau (LLM answers when confidence < tau)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def reliability(data, group: str, path: Path, n_bins: int = 10) -> Path:
+    """Accuracy per confidence bin against the bin's confidence, one panel per confidence source."""
+    sources = list(data.sources)
+    rows, cols = _grid(len(sources), 4)
+    fig = Figure(figsize=(3.4 * cols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, src in zip(axes, sources):
+        frame = data.sources[src]
+        frame = frame[frame["group"] == group]
+        bins = reliability_bins(frame["score"].to_numpy(float), frame["correct"].to_numpy(bool), n_bins)
+        centers = [(b.lower + b.upper) / 2 for b in bins]
+        acc = [0.0 if b.count == 0 else b.accuracy for b in bins]
+        ax.bar(centers, acc, width=1 / n_bins, edgecolor="black", lw=0.5, color=_COLORS.get(src, "#1f77b4"),
+               alpha=0.75, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        conf = [b.confidence for b in bins if b.count]
+        ax.plot(conf, [b.accuracy for b in bins if b.count], "o", color="black", ms=3, label="(mean conf, acc)")
+        n = sum(b.count for b in bins)
+        if n == 0:
+            _empty(ax)
+        ax.set_title(f"{src}\n{n} of {len(frame)} rows with a confidence", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+    for ax in axes[len(sources):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Reliability diagrams: {_label(group)}")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def histograms(data, group: str, path: Path, n_bins: int = 20) -> Path:
+    """Confidence histograms, correct and wrong answers stacked, one panel per confidence source."""
+    sources = list(data.sources)
+    rows, cols = _grid(len(sources), 4)
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    edges = np.linspace(0, 1, n_bins + 1)
+    for ax, src in zip(axes, sources):
+        frame = data.sources[src]
+        frame = frame[frame["group"] == group]
+        score = frame["score"].to_numpy(float)
+        correct = frame["correct"].to_numpy(bool)
+        keep = ~np.isnan(score)
+        ax.hist([score[keep & correct], score[keep & ~correct]], bins=edges, stacked=True,
+                color=["#2ca02c", "#d62728"], label=["correct", "wrong"], edgecolor="black", lw=0.3)
+        if not keep.any():
+            ax.set_ylim(0, 1)
+            _empty(ax)
+        ax.set_title(f"{src}\nno confidence: {int((~keep).sum())} of {len(frame)}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("responses")
+    axes[0].legend(fontsize=8)
+    for ax in axes[len(sources):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Confidence histograms: {_label(group)}")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_plots(data, out: Path) -> list[str]:
+    """All plots into ``out``; returns their file names."""
+    out = Path(out)
+    paths = []
+    if data.systems:
+        paths += [pareto(data, out / "pareto.png"), threshold_curves(data, out / "threshold.png")]
+    if data.sources:
+        for g in data.scopes:
+            paths.append(reliability(data, g, out / f"reliability_{g}.png"))
+            paths.append(histograms(data, g, out / f"confidence_hist_{g}.png"))
+    return [p.name for p in paths]

@@ -1,0 +1,247 @@
+"""The cascade rule, free of Ray and HTTP: ask the SLM, read its confidence, defer to the LLM below tau.
+
+Tiers are reached through ``TierClient`` objects (a Serve handle in the application, an in-process server for
+the direct SLM app, fakes in unit tests). ``generate`` returns ``{"text", "prompt_tokens", "completion_tokens",
+"finish_reason"}``; ``stream`` yields ``{"delta": str}`` items and ends with one ``{"usage": {...},
+"finish_reason": ...}`` item. A tier that fails or exceeds its timeout raises ``TierUnavailable`` (HTTP 503);
+a request the model cannot take (e.g. longer than its context) raises ``TierRejected`` (HTTP 400).
+
+Costs are the paper's, in SLM input-token units: C_SLM = n_in + 4 n_out and C_LLM = ratio * (n_in + 4 n_out)
+over each tier's own tokens; a deferred query pays both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from corea.cost import defers, token_cost
+from corea.protocol import parse_response
+
+MODES = ("cascade", "slm", "llm")
+
+
+class TierUnavailable(Exception):
+    """The tier is down, overloaded or too slow."""
+
+    def __init__(self, tier: str, reason: str):
+        super().__init__(f"the {tier.upper()} tier is unavailable: {reason}")
+        self.tier = tier
+
+
+class TierRejected(Exception):
+    """The tier's model cannot take this request (a client error)."""
+
+
+class TierClient(Protocol):
+    async def generate(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+
+@dataclass
+class TierAnswer:
+    tier: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    latency_s: float
+    cost: float
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+@dataclass
+class CascadeResult:
+    """What one request got: the answering tier, the SLM's confidence, both tiers' tokens and costs."""
+
+    model: str
+    mode: str
+    tier: str  # the tier whose answer is returned
+    threshold: float | None
+    confidence: float | None = None  # the SLM's; None when absent, invalid or not asked
+    deferred: bool = False
+    degraded: bool = False  # deferred, the LLM failed, and the SLM's answer was returned instead
+    slm: TierAnswer | None = None
+    llm: TierAnswer | None = None
+
+    @property
+    def answer(self) -> TierAnswer:
+        return self.llm if self.tier == "llm" else self.slm
+
+    @property
+    def cost(self) -> float:
+        return sum(t.cost for t in (self.slm, self.llm) if t is not None)
+
+    def usage(self) -> tuple[int, int]:
+        tiers = [t for t in (self.slm, self.llm) if t is not None]
+        return sum(t.prompt_tokens for t in tiers), sum(t.completion_tokens for t in tiers)
+
+    def meta(self) -> dict[str, Any]:
+        """The ``corea`` object of a response."""
+        return {
+            "tier": self.tier,
+            "mode": self.mode,
+            "confidence": self.confidence,
+            "threshold": self.threshold,
+            "deferred": self.deferred,
+            "degraded": self.degraded,
+            "answer": parse_response(self.answer.text).answer if self.answer else None,
+            "usage": {"slm": self.slm.usage() if self.slm else None, "llm": self.llm.usage() if self.llm else None},
+            "cost": {"slm": self.slm.cost if self.slm else 0.0, "llm": self.llm.cost if self.llm else 0.0,
+                     "total": self.cost},
+            "latency_ms": {t.tier: round(1000 * t.latency_s, 3) for t in (self.slm, self.llm) if t is not None},
+        }
+
+    def headers(self, with_cost: bool = True) -> dict[str, str]:
+        headers = {
+            "x-corea-tier": self.tier,
+            "x-corea-confidence": "none" if self.confidence is None else f"{self.confidence:g}",
+            "x-corea-deferred": str(self.deferred).lower(),
+            "x-corea-degraded": str(self.degraded).lower(),
+        }
+        if self.threshold is not None:
+            headers["x-corea-threshold"] = f"{self.threshold:g}"
+        if with_cost:
+            headers["x-corea-cost"] = f"{self.cost:.1f}"
+        return headers
+
+
+class CascadeStream:
+    """A streamed answer whose routing is already decided: ``result`` carries the decision now and, once
+    ``deltas()`` is exhausted, the answering tier's tokens and cost."""
+
+    def __init__(self, result: CascadeResult, text: str | None = None, items: AsyncIterator | None = None,
+                 first: dict | None = None, finish=None, close=None):
+        self.result, self._text, self._items, self._first, self._finish = result, text, items, first, finish
+        self._close = close
+
+    async def deltas(self) -> AsyncIterator[str]:
+        if self._text is not None:  # an answer already in hand (the SLM's)
+            if self._text:
+                yield self._text
+            return
+        parts: list[str] = []
+        item = self._first
+        try:
+            while item is not None:
+                if "usage" in item:
+                    self._finish("".join(parts), item)
+                    return
+                if item.get("delta"):
+                    parts.append(item["delta"])
+                    yield item["delta"]
+                item = await self._items()
+            raise TierUnavailable(self.result.tier, "the stream ended without usage")
+        finally:
+            if self._close is not None:
+                await self._close()
+
+
+@dataclass
+class Cascade:
+    """Routes one request: ``mode`` "cascade" (the rule), "slm" or "llm" (one tier, forced)."""
+
+    slm: TierClient | None
+    llm: TierClient | None
+    cost_ratio: float
+    degrade_to_slm: bool = False
+    slm_timeout_s: float = 60.0
+    llm_timeout_s: float = 120.0
+    _clock: Any = field(default=time.perf_counter, repr=False)
+
+    def _client(self, tier: str) -> tuple[TierClient, float]:
+        client = self.slm if tier == "slm" else self.llm
+        if client is None:
+            raise TierUnavailable(tier, "not deployed in this application")
+        return client, self.slm_timeout_s if tier == "slm" else self.llm_timeout_s
+
+    def _answer(self, tier: str, out: dict[str, Any], text: str, latency_s: float) -> TierAnswer:
+        n_in, n_out = int(out["prompt_tokens"]), int(out["completion_tokens"])
+        ratio = self.cost_ratio if tier == "llm" else 1.0
+        return TierAnswer(tier, text, n_in, n_out, str(out.get("finish_reason") or "stop"), latency_s,
+                          float(token_cost(n_in, n_out, ratio)))
+
+    async def call(self, tier: str, messages: list[dict[str, str]], params: dict[str, Any]) -> TierAnswer:
+        """One complete answer from one tier, within its timeout."""
+        client, timeout = self._client(tier)
+        start = self._clock()
+        try:
+            out = await asyncio.wait_for(client.generate(messages, params), timeout)
+        except asyncio.TimeoutError:
+            raise TierUnavailable(tier, f"no answer within {timeout:g} s") from None
+        return self._answer(tier, out, out["text"], self._clock() - start)
+
+    def _decide(self, slm: TierAnswer, mode: str, threshold: float) -> tuple[float | None, bool]:
+        confidence = parse_response(slm.text).confidence
+        return confidence, mode == "cascade" and bool(defers([confidence], threshold)[0])
+
+    async def complete(self, messages, params, mode: str, threshold: float, model: str) -> CascadeResult:
+        """The whole answer of the chosen tier (non-streaming)."""
+        if mode == "llm":
+            return CascadeResult(model, mode, "llm", None, llm=await self.call("llm", messages, params))
+        slm = await self.call("slm", messages, params)
+        confidence, deferred = self._decide(slm, mode, threshold)
+        result = CascadeResult(model, mode, "slm", threshold if mode == "cascade" else None, confidence,
+                               deferred, slm=slm)
+        if deferred:
+            try:
+                result.llm, result.tier = await self.call("llm", messages, params), "llm"
+            except TierUnavailable:
+                if not self.degrade_to_slm:
+                    raise
+                result.degraded = True
+        return result
+
+    async def open_stream(self, messages, params, mode: str, threshold: float, model: str) -> CascadeStream:
+        """Decide the route, then stream the answer: the SLM's is held until its confidence is known; the
+        LLM's streams live. Errors before the first LLM chunk raise here, so they become plain HTTP errors."""
+        slm, confidence, deferred = None, None, False
+        if mode != "llm":
+            slm = await self.call("slm", messages, params)
+            confidence, deferred = self._decide(slm, mode, threshold)
+        result = CascadeResult(model, mode, "slm" if mode != "llm" else "llm",
+                               threshold if mode == "cascade" else None, confidence, deferred, slm=slm)
+        if mode == "slm" or (mode == "cascade" and not deferred):
+            return CascadeStream(result, text=slm.text)
+        try:
+            stream = await self._open_llm_stream(messages, params, result)
+        except TierUnavailable:
+            if mode == "llm" or not self.degrade_to_slm:
+                raise
+            result.degraded = True
+            return CascadeStream(result, text=slm.text)
+        result.tier = "llm"
+        return stream
+
+    async def _open_llm_stream(self, messages, params, result: CascadeResult) -> CascadeStream:
+        client, timeout = self._client("llm")
+        iterator = client.stream(messages, params).__aiter__()
+        start = self._clock()
+
+        async def next_item() -> dict | None:
+            try:
+                return await asyncio.wait_for(iterator.__anext__(), timeout)
+            except StopAsyncIteration:
+                return None
+            except asyncio.TimeoutError:
+                raise TierUnavailable("llm", f"no output for {timeout:g} s") from None
+
+        def finish(text: str, item: dict) -> None:
+            result.llm = self._answer("llm", {**item["usage"], "finish_reason": item.get("finish_reason")}, text,
+                                      self._clock() - start)
+
+        close = getattr(iterator, "aclose", None)
+        try:
+            first = await next_item()
+            if first is None:
+                raise TierUnavailable("llm", "the stream ended at once")
+        except BaseException:
+            if close is not None:
+                await close()
+            raise
+        return CascadeStream(result, items=next_item, first=first, finish=finish, close=close)

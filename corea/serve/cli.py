@@ -1,0 +1,87 @@
+"""``corea serve --config FILE [--blocking | --detach] [--set KEY=VALUE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``serve`` subcommand on an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("serve", help="serve the cascade on Ray Serve (OpenAI-compatible HTTP API)")
+    p.add_argument("--config", required=True, help="serving YAML (see configs/serve-*.yaml)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--blocking", dest="blocking", action="store_true", default=True,
+                      help="stay in the foreground; Ctrl-C deletes the applications (default)")
+    mode.add_argument("--detach", dest="blocking", action="store_false",
+                      help="deploy and exit, leaving the applications on a running cluster")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set http.port=8001 (repeatable)")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _connect(cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from corea.serve.app import deploy
+    from corea.serve.config import load_serve_config
+
+    import ray
+
+    cfg = load_serve_config(args.config, _overrides(args.set))
+    if not args.blocking and not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--detach needs a running Ray cluster (ray.address in the config or RAY_ADDRESS); "
+                         "a local cluster started here would stop when this command exits")
+    _connect(cfg)
+    urls = deploy(cfg)
+    for name, url in urls.items():
+        print(f"{name}: {url}/v1/chat/completions  (models: {url}/v1/models, metrics: {url}/metrics)", flush=True)
+    if not args.blocking:
+        return 0
+    print("serving; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        for name in urls:
+            serve.delete(name)
+        print("applications deleted", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``serve`` as a standalone command (used by ``ray_jobs/serve_cascade.py``)."""
+    parser = argparse.ArgumentParser(prog="serve_cascade")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 2
