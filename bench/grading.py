@@ -3,9 +3,9 @@
 Batch: ``--prompts`` x ``--group-size`` responses (default 1024 x 8 = 8,192). Gold answers are drawn from
 MATH-500, GSM8K and the DeepMath-style sample (``/work/shared/data`` when present, else the shipped
 fixtures). Each response's answer is the gold (sometimes an equivalent rewrite), a perturbed answer (number + 1,
-swapped fraction, another number or a changed expression, another question's gold) or, for 2% of them, a pathological answer
-(power towers, huge powers and factorials, 10,000 nested braces, a 1 MB answer, invalid UTF-8). Each answer is
-wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
+swapped fraction, another number or a changed expression, another question's gold) or, for 2% of them, a
+pathological answer (power towers, huge powers and factorials, 10,000 nested braces, a 1 MB answer, invalid
+UTF-8). Each answer is wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
 
 (a) naive: ``math_verify.verify(math_verify.parse(gold), math_verify.parse(response))`` per response, one after
     another in the main thread, math-verify's default settings (signal-based timeouts); the gold is parsed as
@@ -13,11 +13,13 @@ wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
     them: its alarm cannot interrupt a C-level big-integer power).
 (b) corea: ``corea.rewards.batch_group_rewards(groups)`` (parse, grade, rewards) with a fresh worker pool per
     run, started and warmed up before the clock starts: pool start-up is excluded. Timed with and without the
-    pathological responses; pathological_overhead = (t_with - t_clean) / t_clean. Medians over ``--repeats``.
+    pathological responses; pathological_overhead = (t_with - t_clean) / t_clean. Medians over ``--repeats``;
+    the naive loop runs in ``--repeats`` slices interleaved with them (a shared machine's load hits both).
 Warm-up: both (a) and (b) first grade an untimed batch of 256 prompts drawn from the other half of the gold rows
 (math-verify's ANTLR parser and sympy warm up over their first calls; no timed prompt's gold is cached).
 
-    python bench/grading.py [--prompts 1024] [--group-size 8] [--seed 0] [--repeats 3] [--json out.json]
+    python bench/grading.py [--prompts 1024] [--group-size 8] [--seed 0] [--repeats 3] [--workers N]
+                            [--json out.json]
 """
 
 from __future__ import annotations
@@ -179,18 +181,23 @@ def main() -> None:
     print(f"\nbatch: {len(groups)} prompts, {n} responses, {len(patho)} pathological; "
           f"pool: {grading.Grader(args.workers).processes} workers, per-step deadline {grading.TIMEOUT_S} s")
 
-    with_s, clean_s, with_cpu, ours = [], [], [], None
-    for _ in range(args.repeats):
+    # Runs interleave, so that a load change on a shared machine hits both sides: per repeat, corea with and
+    # without the pathological responses, then one slice of the naive loop.
+    naive(warm, set())  # the same warm-up for the naive loop's process
+    cut = [round(i * len(groups) / args.repeats) for i in range(args.repeats + 1)]
+    with_s, clean_s, with_cpu, ours, t_naive, cpu_naive, plain = [], [], [], None, 0.0, 0.0, []
+    for r in range(args.repeats):
         t, cpu, ours = corea_run(groups, warm, args.workers)
         with_s.append(t)
         with_cpu.append(cpu)
         clean_s.append(corea_run(clean, warm, args.workers)[0])
+        part = {(p - cut[r], i) for p, i in patho if cut[r] <= p < cut[r + 1]}
+        t, cpu, verdicts = naive(groups[cut[r] : cut[r + 1]], part)
+        t_naive, cpu_naive, plain = t_naive + t, cpu_naive + cpu, plain + verdicts
     t_with, t_clean, cpu_with = (statistics.median(x) for x in (with_s, clean_s, with_cpu))
     print(f"(b) corea: {t_with:.2f} s with pathological ({cpu_with:.2f} CPU s, all processes), {t_clean:.2f} s clean "
           f"(runs: {', '.join(f'{t:.2f}' for t in with_s)} | {', '.join(f'{t:.2f}' for t in clean_s)})")
-    naive(warm, set())  # the same warm-up for the naive loop's process
-    t_naive, cpu_naive, plain = naive(groups, patho)
-    print(f"(a) naive: {t_naive:.2f} s ({cpu_naive:.2f} CPU s)")
+    print(f"(a) naive: {t_naive:.2f} s ({cpu_naive:.2f} CPU s), in {args.repeats} slices")
 
     agree, differ, screened_out = 0, [], 0
     for p, (rs, gold, _) in enumerate(groups):

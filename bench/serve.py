@@ -9,9 +9,11 @@ Method
     replica. Both answer with the same tiny SLM (`tiny:slm-confident`) at temperature 0 and max_tokens 16, on a
     question it answers with confidence 0.9 at tau 0.5, so every cascade request stays on the SLM (checked).
     The difference of the two latencies is what the cascade adds to serving the SLM alone.
-    Load: an httpx.AsyncClient closed loop with c in-flight requests (c = 1, 8, 32), after a warm-up; the two
-    paths alternate in rounds so that drift in machine load hits both. Requests/s = completed / wall time.
-    The load generator shares the machine's cores with Ray, so absolute figures are machine-bound.
+    Load: httpx.AsyncClient closed loops after a warm-up. At c = 1 the two paths alternate request by request
+    (the order flipping every pair), so both see the same machine load; the overhead is the median of the
+    paired differences and req/s = 1 / mean latency. At c = 8 and 32, c requests are kept in flight on one
+    path at a time, in alternating rounds; req/s = completed / wall time. The load generator shares the
+    machine's cores with Ray, so absolute figures are machine-bound; the load average is recorded.
 
     python bench/serve.py [--requests 200] [--rounds 2] [--json PATH]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -45,30 +48,61 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def load(url: str, model: str, concurrency: int, total: int, check_tier: bool) -> tuple[list[float], float]:
-    """Latencies (s) of ``total`` requests at ``concurrency`` in flight, and the wall time."""
-    import httpx
-
+async def timed(http, path: tuple[str, str, bool]) -> float:
+    """Seconds for one request on ``path`` = (url, model, must stay on the SLM)."""
+    url, model, check_tier = path
     body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
             "max_tokens": 16, "corea": {"threshold": 0.5}}
+    start = time.perf_counter()
+    resp = await http.post(url, json=body)
+    elapsed = time.perf_counter() - start
+    if resp.status_code != 200:
+        raise RuntimeError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
+    if check_tier and resp.json()["corea"]["tier"] != "slm":
+        raise RuntimeError("a cascade request left the SLM; the benchmark would not measure overhead")
+    return elapsed
+
+
+def _client(concurrency: int):
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(timeout=120, limits=limits)
+
+
+async def load(path, concurrency: int, total: int) -> tuple[list[float], float]:
+    """Latencies (s) of ``total`` requests at ``concurrency`` in flight on one path, and the wall time."""
     latencies: list[float] = []
     remaining = iter(range(total))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with _client(concurrency) as http:
         async def worker():
             for _ in remaining:
-                start = time.perf_counter()
-                resp = await http.post(url, json=body)
-                latencies.append(time.perf_counter() - start)
-                if resp.status_code != 200:
-                    raise RuntimeError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
-                if check_tier and resp.json()["corea"]["tier"] != "slm":
-                    raise RuntimeError("a cascade request left the SLM; the benchmark would not measure overhead")
+                latencies.append(await timed(http, path))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return latencies, wall
+        return latencies, time.perf_counter() - start
+
+
+async def paired(paths: dict, pairs: int) -> dict[str, list[float]]:
+    """One request at a time, alternating the paths (order flipped every pair)."""
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    async with _client(1) as http:
+        for i in range(pairs):
+            for name in names if i % 2 == 0 else names[::-1]:
+                out[name].append(await timed(http, paths[name]))
+    return out
+
+
+def summarize(lat: dict[str, list[float]], wall: dict[str, float] | None) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for name, values in lat.items():
+        seconds = wall[name] if wall else sum(values)
+        row[f"{name}_rps"] = round(len(values) / seconds, 1)
+        row[f"{name}_p50_ms"] = round(1000 * statistics.median(values), 2)
+        row[f"{name}_p99_ms"] = round(1000 * percentile(values, 99), 2)
+    return row
 
 
 def deploy(work_dir: Path, port: int):
@@ -76,9 +110,9 @@ def deploy(work_dir: Path, port: int):
 
     from corea.serve.app import deploy as deploy_apps
     from corea.serve.config import load_serve_config
-    from corea.serve.tiny import make_confident_slm
+    from corea.serve.tiny import confident_slm_path, make_confident_slm
 
-    make_confident_slm(work_dir / "models" / "tiny-slm-confident-seed0")
+    make_confident_slm(confident_slm_path(work_dir))  # built once; the replicas find it there
     cfg = load_serve_config(ROOT / "configs/serve-tiny-cpu.yaml", {
         "work_dir": str(work_dir), "http.port": port, "direct_slm": {},
         "slm.autoscaling.max_replicas": 1, "llm.autoscaling.max_replicas": 1,
@@ -89,7 +123,8 @@ def deploy(work_dir: Path, port: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200, help="requests per path, level and round")
+    parser.add_argument("--requests", type=int, default=200,
+                        help="requests per path, level and round (c = 1: pairs per round)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -104,28 +139,32 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"cascade": (f"{urls['corea']}/v1/chat/completions", "corea-cascade", True),
                  "direct": (f"{urls['corea-slm-direct']}/v1/chat/completions", "corea-slm", False)}
         try:
-            for url, model, check in paths.values():  # warm-up: caches, connections, batcher
-                asyncio.run(load(url, model, 8, 64, check))
-            results = {}
+            for path in paths.values():  # warm-up: caches, connections, batcher
+                asyncio.run(load(path, 8, 64))
+            results = {"load_average_start": round(os.getloadavg()[0], 2)}
             for c in args.concurrency:
-                lat = {name: [] for name in paths}
-                wall = {name: 0.0 for name in paths}
-                for _ in range(args.rounds):
-                    for name, (url, model, check) in paths.items():
-                        values, seconds = asyncio.run(load(url, model, c, args.requests, check))
-                        lat[name] += values
-                        wall[name] += seconds
-                row = {}
-                for name in paths:
-                    row[f"{name}_rps"] = round(len(lat[name]) / wall[name], 1)
-                    row[f"{name}_p50_ms"] = round(1000 * statistics.median(lat[name]), 2)
-                    row[f"{name}_p99_ms"] = round(1000 * percentile(lat[name], 99), 2)
-                row["overhead_p50_ms"] = round(row["cascade_p50_ms"] - row["direct_p50_ms"], 2)
+                if c == 1:
+                    lat = asyncio.run(paired(paths, args.requests * args.rounds))
+                    row = summarize(lat, None)
+                    diffs = [a - b for a, b in zip(lat["cascade"], lat["direct"])]
+                    row["overhead_p50_ms"] = round(1000 * statistics.median(diffs), 2)
+                else:
+                    lat, wall = {n: [] for n in paths}, {n: 0.0 for n in paths}
+                    for _ in range(args.rounds):
+                        for name, path in paths.items():
+                            values, seconds = asyncio.run(load(path, c, args.requests))
+                            lat[name] += values
+                            wall[name] += seconds
+                    row = summarize(lat, wall)
+                    row["overhead_p50_ms"] = round(row["cascade_p50_ms"] - row["direct_p50_ms"], 2)
                 results[f"c{c}"] = row
                 print(f"c={c:<3} cascade {row['cascade_rps']:7.1f} req/s p50 {row['cascade_p50_ms']:7.2f} ms "
                       f"p99 {row['cascade_p99_ms']:7.2f} ms | direct {row['direct_rps']:7.1f} req/s "
                       f"p50 {row['direct_p50_ms']:7.2f} ms p99 {row['direct_p99_ms']:7.2f} ms | "
                       f"overhead p50 {row['overhead_p50_ms']:+.2f} ms", flush=True)
+            results["load_average_end"] = round(os.getloadavg()[0], 2)
+            print(f"load average (1 min) {results['load_average_start']} -> {results['load_average_end']} "
+                  f"on {os.cpu_count()} cores")
         finally:
             serve.shutdown()
             ray.shutdown()

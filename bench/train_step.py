@@ -20,6 +20,8 @@ time between consecutive rows of ``metrics.jsonl`` (the loop body: rollout, rewa
 sync and the driver's own work), and the split is the row's ``time/*_s``. TRL runs in this process
 (``use_vllm=False``, ``use_cpu=True``, ``report_to=[]``, no saving); its step time is ``on_step_begin`` to
 ``on_step_end`` of a ``TrainerCallback``, and its split is timed around its ``_generate`` and the reward function.
+Threads: Ray gives each of our fractional-CPU actors ``OMP_NUM_THREADS=1`` and the loop runs one stage at a
+time, so TRL gets ``torch.set_num_threads(1)`` by default (``--trl-threads 0`` leaves torch's default).
 The first ``--warmup`` steps of each are left out (ours: actor start-up, model loading, DeepSpeed set-up and
 first calls; TRL: first-call overheads). Ours runs first and its Ray cluster is shut down before TRL starts.
 
@@ -207,6 +209,8 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_path),
     )
+    if getattr(trainer.args, "activation_checkpointing", False) or trainer.args.gradient_checkpointing:
+        raise RuntimeError("TRL would checkpoint activations; this benchmark compares without")
     gen_times: list[float] = []
     generate = trainer._generate
 
@@ -242,6 +246,9 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
             if logs and "completions/mean_length" in logs:
                 self.logs.append(dict(logs))
 
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TRL's per-step log dicts; the figures are printed below
     timer = StepTimer()
     trainer.add_callback(timer)
     start = time.perf_counter()
@@ -282,8 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-coef", type=float, default=0.001)
     parser.add_argument("--entropy-coef", type=float, default=0.001)
-    parser.add_argument("--trl-threads", type=int, default=0,
-                        help="torch threads for TRL (0: torch's default, all cores); each of our actors gets 1")
+    parser.add_argument("--trl-threads", type=int, default=1,
+                        help="torch threads for TRL (default 1, as Ray gives each of our fractional-CPU actors "
+                             "OMP_NUM_THREADS=1; 0: torch's default, one per core)")
     parser.add_argument("--only", choices=["both", "corea", "trl"], default="both")
     parser.add_argument("--json", help="write the figures to this path")
     args = parser.parse_args(argv)
@@ -291,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--micro-batch must divide prompts x n")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     from corea.models import make_tiny_checkpoint
     from corea.train.config import load_config
@@ -308,22 +319,28 @@ def main(argv: list[str] | None = None) -> dict:
           f"1 optimizer step per rollout; {args.warmup} warm-up + {args.steps} measured steps each; {os.cpu_count()} CPU cores")
     result: dict = {"setup": {k: v for k, v in vars(args).items() if k not in ("json", "only")}}
     if args.only in ("both", "corea"):
+        load = os.getloadavg()[0]
         result["corea"] = ours = run_corea(args, work, model_path)
+        ours["load_avg_1min"] = [load, os.getloadavg()[0]]
         print(f"\ncorea (Ray actors, DeepSpeed CPU): measured steps {ours['measured_steps']}")
         print(f"  s/step mean {ours['step_s']['mean']:.3f}  median {ours['step_s']['median']:.3f}  "
               f"(min {ours['step_s']['min']:.3f}, max {ours['step_s']['max']:.3f}); warm-up steps "
-              + ", ".join(f"{s:.2f}" for s in ours["warmup_step_s"]) + f"; whole run {ours['total_run_s']:.1f} s")
+              + ", ".join(f"{s:.2f}" for s in ours["warmup_step_s"]) + f"; whole run {ours['total_run_s']:.1f} s; "
+              f"1-min load average {ours['load_avg_1min'][0]:.1f} -> {ours['load_avg_1min'][1]:.1f}")
         print("  split: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["breakdown_s"].items())
               + f"; mean response length {ours['response_length']:.1f} tokens")
     if args.only in ("both", "trl"):
         import trl
 
+        load = os.getloadavg()[0]
         result["trl"] = theirs = run_trl(args, work, model_path, per_step)
+        theirs["load_avg_1min"] = [load, os.getloadavg()[0]]
         print(f"\nTRL {trl.__version__} GRPOTrainer (transformers generate, {theirs['torch_threads']} torch threads): "
               f"measured steps {theirs['measured_steps']}")
         print(f"  s/step mean {theirs['step_s']['mean']:.3f}  median {theirs['step_s']['median']:.3f}  "
               f"(min {theirs['step_s']['min']:.3f}, max {theirs['step_s']['max']:.3f}); warm-up steps "
-              + ", ".join(f"{s:.2f}" for s in theirs["warmup_step_s"]) + f"; whole run {theirs['total_run_s']:.1f} s")
+              + ", ".join(f"{s:.2f}" for s in theirs["warmup_step_s"]) + f"; whole run {theirs['total_run_s']:.1f} s; "
+              f"1-min load average {theirs['load_avg_1min'][0]:.1f} -> {theirs['load_avg_1min'][1]:.1f}")
         if theirs["end_to_end_step_s"]:
             print(f"  end to end (step end to step end, with logging) mean {theirs['end_to_end_step_s']['mean']:.3f}")
         length = theirs["response_length"]

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.steps=4 (repeatable)")
     p.set_defaults(func=_train)
+
+    from corea.serve.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -19,7 +19,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from corea.serve.tiny import CONFIDENT_ANSWER, CONFIDENT_QUESTIONS, UNSURE_ANSWER, UNSURE_QUESTIONS, make_confident_slm
+from corea.serve.tiny import (
+    CONFIDENT_ANSWER,
+    CONFIDENT_QUESTIONS,
+    UNSURE_ANSWER,
+    UNSURE_QUESTIONS,
+    confident_slm_path,
+    make_confident_slm,
+)
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -53,7 +60,9 @@ def wait_running(name: str, timeout: float = 180.0) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
-    make_confident_slm(work / "models" / "tiny-slm-confident-seed0")  # where `tiny:slm-confident` is looked up
+    make_confident_slm(confident_slm_path(work))  # built once; the replicas find it there
+    if ray.is_initialized():  # a cluster left over by an earlier module
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield SimpleNamespace(work=work, port=_free_port())
     serve.shutdown()
@@ -251,7 +260,7 @@ def test_llm_outage_during_traffic_then_recovery(cluster, app):
     entry.update(name="corea-faults", route_prefix="/faults")
     entry["args"] = {"config": str(ROOT / entry["args"]["config"]), "overrides": {
         "work_dir": str(cluster.work), "limits.llm_timeout_s": 2, "slm.autoscaling.max_replicas": 1,
-        "llm.autoscaling.max_replicas": 1}}
+        "llm.autoscaling.max_replicas": 1, "metrics.ray_export": True}}
     serve_client = _get_global_client()
 
     def apply(llm_down: bool) -> None:

@@ -373,3 +373,16 @@ def test_cli_parser_and_detach_needs_a_cluster(monkeypatch):
     job = subprocess.run([sys.executable, str(ROOT / "ray_jobs/serve_cascade.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert job.returncode == 0 and "--detach" in job.stdout
+
+
+def test_per_request_rule_matches_the_offline_cost_model():
+    from corea.cost import defers
+
+    confidences = [None, 0.0, 0.2, 0.5, 0.9, 1.0]
+    for tau in (0.0, 0.2, 0.5, 0.95, 1.1):
+        for c in confidences:
+            text = "\\boxed{1}" + ("" if c is None else f" \\confidence{{{c}}}")
+            cascade = Cascade(FakeTier(text, 13, 5), FakeTier("y", 13, 9), 32 / 7)
+            r = run(cascade.complete(USER, {}, "cascade", tau, "m"))
+            assert r.deferred == bool(defers([c], tau)[0])
+            assert r.cost == pytest.approx(float(token_cost(13, 5) + (token_cost(13, 9, 32 / 7) if r.deferred else 0)))

@@ -8,7 +8,7 @@ Questions become rows (dataset, group, id, gold, kind, messages as JSON, seed). 
 - vLLM (where installed): ``ray.data.llm`` with a ``vLLMEngineProcessorConfig``; rows are first expanded to one
   per (question, run), each with its own seed, since the processor draws one sample per row.
 
-Both are followed by ``GradeBatch`` (parse, grade) and read back with a tqdm bar over rows and datasets.
+Both are followed by ``grade_batch`` tasks (parse, grade) and read back with a tqdm bar over rows and datasets.
 """
 
 from __future__ import annotations
@@ -104,37 +104,32 @@ class GenerateBatch:
         return pd.DataFrame(out)
 
 
-class GradeBatch:
-    """Ray Data callable class: answer, confidence, correctness of each response.
+def grade_batch(batch: pd.DataFrame, style: str = "corea", processes: int = 1) -> pd.DataFrame:
+    """Answer, confidence and correctness of each response (run as Ray Data tasks; the grader's worker
+    processes live on in the reused Ray worker).
 
     ``corea`` style: the last \\boxed{} graded against gold, the last \\confidence{}. ``router`` style:
     confidence = p_router (the first number of the output, valid in [0, 1]), answer None, correct False."""
+    from corea import grading
+    from corea.evaluate.baselines import parse_router_prob
+    from corea.protocol import parse_response
 
-    def __init__(self, style: str = "corea", processes: int = 1):
-        from corea import grading
-
-        self.style = style
-        if style == "corea":
-            grading.configure(processes=max(1, processes))
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from corea import grading
-        from corea.evaluate.baselines import parse_router_prob
-        from corea.protocol import parse_response
-
-        batch = batch.copy()
-        texts = [str(t) for t in batch["response"]]
-        if self.style == "router":
-            batch["answer"] = None
-            batch["confidence"] = [np.nan if (p := parse_router_prob(t)) is None else p for t in texts]
-            batch["correct"] = False
-            return batch
-        parsed = [parse_response(t) for t in texts]
-        verdicts = grading.grade_groups([([p.answer], g, k) for p, g, k in zip(parsed, batch["gold"], batch["kind"])])
-        batch["answer"] = [p.answer for p in parsed]
-        batch["confidence"] = [np.nan if p.confidence is None else p.confidence for p in parsed]
-        batch["correct"] = [bool(v[0]) for v in verdicts]
+    batch = batch.copy()
+    texts = [str(t) for t in batch["response"]]
+    if style == "router":
+        batch["answer"] = None
+        batch["confidence"] = [np.nan if (p := parse_router_prob(t)) is None else p for t in texts]
+        batch["correct"] = False
         return batch
+    grader = grading.get_grader()
+    if grader.processes != processes and not grader.worker_pids():
+        grader = grading.configure(processes=max(1, processes))
+    parsed = [parse_response(t) for t in texts]
+    verdicts = grader.grade_groups([([p.answer], g, k) for p, g, k in zip(parsed, batch["gold"], batch["kind"])])
+    batch["answer"] = [p.answer for p in parsed]
+    batch["confidence"] = [np.nan if p.confidence is None else p.confidence for p in parsed]
+    batch["correct"] = [bool(v[0]) for v in verdicts]
+    return batch
 
 
 # ------------------------------------------------------------------------------------------- vLLM
@@ -218,8 +213,7 @@ def generate(job: GenerationJob, records: Sequence[Record], progress: bool = Tru
                             num_gpus=job.num_gpus or None)
     else:
         raise ValueError(f"backend must be 'transformers' or 'vllm', got {job.backend!r}")
-    ds = ds.map_batches(GradeBatch, fn_constructor_kwargs={"style": job.style,
-                                                           "processes": math.ceil(job.grade_cpus)},
+    ds = ds.map_batches(grade_batch, fn_kwargs={"style": job.style, "processes": math.ceil(job.grade_cpus)},
                         concurrency=job.grade_concurrency, batch_size=64, batch_format="pandas",
                         num_cpus=job.grade_cpus)
     totals = pd.Series([r.dataset for r in records]).value_counts() * job.runs

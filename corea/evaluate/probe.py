@@ -4,6 +4,7 @@ Features: the SLM's forward pass over prompt (chat template) + its own response;
 tokens of the last layer's hidden states (after the final norm). Probe: Linear(d, 2048) - ReLU - Linear(2048,
 1024) - ReLU - Linear(1024, 1) - sigmoid, trained with binary cross-entropy on the SLM's correctness over the
 training questions, split 9:1 by question (train / validation); the epoch of lowest validation loss is kept.
+Each worker reads its shard of the features into memory once and shuffles it every epoch.
 Training runs on Ray Train (``TorchTrainer``); features come from a Ray Data actor pool (``HiddenFeatures``).
 """
 
@@ -91,7 +92,21 @@ class HiddenFeatures:
                 "val": batch["val"].to_numpy().astype(bool)}
 
 
+def _load_shard(shard, batch_size: int, device) -> tuple:
+    """(features [N, d], labels [N]) of a worker's dataset shard, read once into memory."""
+    import torch
+
+    xs, ys = [], []
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        xs.append(batch["features"].float())
+        ys.append(batch["label"].float())
+    if not xs:
+        return torch.zeros((0, 0), device=device), torch.zeros(0, device=device)
+    return torch.cat(xs), torch.cat(ys)
+
+
 def _train_loop(config: dict) -> None:
+    """Ray Train worker: AdamW on BCE, shards read once, shuffled each epoch; keeps the best validation epoch."""
     import torch
     import torch.distributed as dist
     from ray import train
@@ -100,46 +115,43 @@ def _train_loop(config: dict) -> None:
     from corea.evaluate.tables import auroc_fast
 
     torch.manual_seed(config["seed"])
-    net = build_probe(config["input_dim"], tuple(config["hidden"]))
-    model = prepare_model(net)
+    device = get_device()
+    model = prepare_model(build_probe(config["input_dim"], tuple(config["hidden"])))
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    x_train, y_train = _load_shard(train.get_dataset_shard("train"), 4096, device)
+    x_val, y_val = _load_shard(train.get_dataset_shard("val"), 4096, device)
     best = {"val_loss": float("inf"), "epoch": 0, "state_dict": None}
-    train_shard, val_shard = train.get_dataset_shard("train"), train.get_dataset_shard("val")
-    device = get_device()
+    bs, gen = config["batch_size"], torch.Generator().manual_seed(config["seed"])
     for epoch in range(1, config["epochs"] + 1):
         model.train()
-        total, n = 0.0, 0
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
-                                                    local_shuffle_buffer_size=1024, local_shuffle_seed=epoch):
-            logits = model(batch["features"].float()).squeeze(-1)
-            loss = loss_fn(logits, batch["label"].float())
+        total = 0.0
+        for idx in torch.randperm(len(y_train), generator=gen).split(bs):
+            logits = model(x_train[idx.to(device)]).squeeze(-1)
+            loss = loss_fn(logits, y_train[idx.to(device)])
             opt.zero_grad()
             (loss / logits.numel()).backward()
             opt.step()
-            total, n = total + float(loss), n + logits.numel()
+            total += float(loss)
         model.eval()
-        sums = torch.zeros(2, device=device)
-        scores, labels = [], []
         with torch.no_grad():
-            for batch in val_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
-                logits = model(batch["features"].float()).squeeze(-1)
-                sums += torch.stack([loss_fn(logits, batch["label"].float()), torch.tensor(float(logits.numel()), device=device)])
-                scores.append(torch.sigmoid(logits).cpu().numpy())
-                labels.append(batch["label"].cpu().numpy())
+            logits = model(x_val).squeeze(-1) if len(y_val) else torch.zeros(0, device=device)
+            sums = torch.stack([loss_fn(logits, y_val), torch.tensor(float(len(y_val)), device=device)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         val_loss = float(sums[0] / sums[1].clamp(min=1))
-        val_auroc = auroc_fast(np.concatenate(scores), np.concatenate(labels)) if scores else float("nan")
-        if val_loss < best["val_loss"] or best["state_dict"] is None:
+        val_auroc = auroc_fast(torch.sigmoid(logits).cpu().numpy(), y_val.cpu().numpy())
+        if val_loss < best["val_loss"] or best["state_dict"] is None or float(sums[1]) == 0:  # no val: keep last
             module = model.module if hasattr(model, "module") else model
             best = {"val_loss": val_loss, "val_auroc": val_auroc, "epoch": epoch,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
-        train.report({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss, "val_auroc": val_auroc})
+        train.report({"epoch": epoch, "train_loss": total / max(len(y_train), 1), "val_loss": val_loss,
+                      "val_auroc": val_auroc})
     if train.get_context().get_world_rank() == 0:
         out = Path(config["out_path"])
         tmp = out.with_name(f".{out.name}.tmp")
-        torch.save({**best, "input_dim": config["input_dim"], "hidden": list(config["hidden"])}, tmp)
+        torch.save({**best, "input_dim": config["input_dim"], "hidden": list(config["hidden"]),
+                    "n_train": int(len(y_train)), "n_val": int(len(y_val))}, tmp)
         tmp.replace(out)
 
 

@@ -9,6 +9,7 @@ A generation pass whose inputs are unchanged is read back from ``output_dir/gene
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,10 +29,12 @@ REPORT_DIR = "report"
 
 
 def eval_questions(cfg: EvalConfig) -> list[Record]:
-    """The evaluation questions of every configured dataset (DeepMath split with ``cfg.split_seed``)."""
+    """The evaluation questions of every configured dataset (DeepMath split with ``cfg.split_seed``), each
+    record's ``dataset`` set to the registered name it was loaded under (e.g. ``deepmath500``)."""
     out = []
     for item in cfg.datasets:
-        out += load_dataset(item.name, path=item.path, limit=item.limit, split=item.split, seed=cfg.split_seed)
+        records = load_dataset(item.name, path=item.path, limit=item.limit, split=item.split, seed=cfg.split_seed)
+        out += [dataclasses.replace(r, dataset=item.name) for r in records]
     return out
 
 
@@ -64,7 +67,7 @@ def _question_digest(records: list[Record]) -> str:
 def cached_generate(job: GenerationJob, records: list[Record], folder: Path, name: str, progress: bool) -> pd.DataFrame:
     """``generate`` unless ``folder/name.parquet`` was made by the same job on the same questions."""
     data, meta = folder / f"{name}.parquet", folder / f"{name}.json"
-    fingerprint = {**job.fingerprint(), "questions": _question_digest(records)}
+    fingerprint = json.loads(json.dumps({**job.fingerprint(), "questions": _question_digest(records)}))
     if data.exists() and meta.exists() and json.loads(meta.read_text()) == fingerprint:
         log.info("reusing %s", data)
         return load_records(data)
@@ -80,7 +83,9 @@ def _messages(frame: pd.DataFrame, questions: dict[tuple[str, str], Record]) -> 
 
 
 def train_baselines(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str | None, str | None, dict]:
-    """(router checkpoint, probe file, info) trained on the RLVR-SLM's samples of the training questions."""
+    """(router checkpoint, probe file, info) trained on the RLVR-SLM's samples of the training questions.
+
+    Reused from ``output_dir/baselines`` when trained there before from the same samples and settings."""
     from corea.evaluate import baselines, probe
 
     b, out = cfg.baselines, cfg.out_dir / "baselines"
@@ -88,19 +93,26 @@ def train_baselines(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str | None,
     probe_path = b.probe.path if b.probe else None
     need_router = b.router is not None and router_path is None
     need_probe = b.probe is not None and probe_path is None
-    info: dict = {}
     if not (need_router or need_probe):
-        return router_path, probe_path, info
+        return router_path, probe_path, {}
     questions = train_questions(cfg)
     job = make_job(cfg, "rlvr", paths["rlvr"], cfg.models.rlvr, runs=b.train_questions.samples,
                    temperature=b.train_questions.temperature)
+    base = (b.router.base_model or paths.get("slm_verb")) if need_router else None
+    fingerprint = {**job.fingerprint(), "questions": _question_digest(questions), "router_base": base,
+                   "router": b.router.model_dump() if need_router else None,
+                   "probe": b.probe.model_dump() if need_probe else None}
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from disk (tuples become lists)
+    saved = out / "baselines.json"
+    if saved.exists() and (info := json.loads(saved.read_text())).get("fingerprint") == fingerprint:
+        log.info("reusing the baselines in %s", out)
+        return info.get("router", {}).get("path", router_path), info.get("probe", {}).get("path", probe_path), info
     samples = cached_generate(job, questions, out, "train_rlvr", cfg.progress)
-    info["train_questions"] = len(questions)
-    info["train_pass_at_1"] = float(samples["correct"].mean())
+    info = {"fingerprint": fingerprint, "train_questions": len(questions),
+            "train_pass_at_1": float(samples["correct"].mean())}
     if need_router:
         targets = baselines.router_targets(samples)
         examples = baselines.router_examples({(r.dataset, r.id): r for r in questions}, targets)
-        base = b.router.base_model or paths.get("slm_verb")
         router_path = str(baselines.train_router(base, examples, out / "router", b.router.sft))
         info["router"] = {"path": router_path, **baselines.router_summary(targets)}
     if need_probe:
@@ -109,7 +121,7 @@ def train_baselines(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str | None,
         feats = probe.feature_dataset(samples, _messages(samples, lookup), paths["rlvr"], b.probe, np.array(val))
         probe_path = str(probe.train_probe(feats, b.probe, out / "probe.pt", seed=cfg.seed))
         info["probe"] = {"path": probe_path, **probe.load_probe(probe_path)[1]}
-    (out / "baselines.json").write_text(json.dumps(info, indent=2, default=str))
+    saved.write_text(json.dumps(info, indent=2, default=str))
     return router_path, probe_path, info
 
 

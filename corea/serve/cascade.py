@@ -13,11 +13,12 @@ over each tier's own tokens; a deferred query pays both.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from corea.cost import defers, token_cost
+from corea.cost import OUTPUT_TOKEN_WEIGHT
 from corea.protocol import parse_response
 
 MODES = ("cascade", "slm", "llm")
@@ -115,8 +116,10 @@ class CascadeStream:
     """A streamed answer whose routing is already decided: ``result`` carries the decision now and, once
     ``deltas()`` is exhausted, the answering tier's tokens and cost."""
 
-    def __init__(self, result: CascadeResult, text: str | None = None, items: AsyncIterator | None = None,
-                 first: dict | None = None, finish=None, close=None):
+    def __init__(self, result: CascadeResult, text: str | None = None,
+                 items: Callable[[], Awaitable[dict | None]] | None = None, first: dict | None = None,
+                 finish: Callable[[str, dict], None] | None = None,
+                 close: Callable[[], Awaitable[None]] | None = None):
         self.result, self._text, self._items, self._first, self._finish = result, text, items, first, finish
         self._close = close
 
@@ -163,8 +166,8 @@ class Cascade:
     def _answer(self, tier: str, out: dict[str, Any], text: str, latency_s: float) -> TierAnswer:
         n_in, n_out = int(out["prompt_tokens"]), int(out["completion_tokens"])
         ratio = self.cost_ratio if tier == "llm" else 1.0
-        return TierAnswer(tier, text, n_in, n_out, str(out.get("finish_reason") or "stop"), latency_s,
-                          float(token_cost(n_in, n_out, ratio)))
+        cost = ratio * (n_in + OUTPUT_TOKEN_WEIGHT * n_out)  # corea.cost.token_cost, for one request
+        return TierAnswer(tier, text, n_in, n_out, str(out.get("finish_reason") or "stop"), latency_s, cost)
 
     async def call(self, tier: str, messages: list[dict[str, str]], params: dict[str, Any]) -> TierAnswer:
         """One complete answer from one tier, within its timeout."""
@@ -178,7 +181,8 @@ class Cascade:
 
     def _decide(self, slm: TierAnswer, mode: str, threshold: float) -> tuple[float | None, bool]:
         confidence = parse_response(slm.text).confidence
-        return confidence, mode == "cascade" and bool(defers([confidence], threshold)[0])
+        missing = confidence is None or math.isnan(confidence)  # corea.cost.defers, for one request
+        return confidence, mode == "cascade" and (missing or confidence < threshold)
 
     async def complete(self, messages, params, mode: str, threshold: float, model: str) -> CascadeResult:
         """The whole answer of the chosen tier (non-streaming)."""

@@ -46,12 +46,11 @@ def _connect(cfg) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import ray
     from ray import serve
 
     from corea.serve.app import deploy
     from corea.serve.config import load_serve_config
-
-    import ray
 
     cfg = load_serve_config(args.config, _overrides(args.set))
     if not args.blocking and not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):

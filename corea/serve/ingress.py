@@ -193,8 +193,10 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
                 async for delta in plan.deltas():
                     yield sse(chunk_body(rid, model, created, {"content": delta}))
             except (TierUnavailable, TierRejected) as exc:
-                metrics.failure(model, "unavailable")
-                yield sse(error_body(str(exc), "service_unavailable", code="tier_unavailable"))
+                unavailable = isinstance(exc, TierUnavailable)
+                metrics.failure(model, "unavailable" if unavailable else "client_error")
+                yield sse(error_body(str(exc), "service_unavailable" if unavailable else "invalid_request_error",
+                                     code="tier_unavailable" if unavailable else None))
                 yield sse("[DONE]")
                 return
             result = plan.result

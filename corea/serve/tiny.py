@@ -24,11 +24,16 @@ CONFIDENT_ANSWER = "\\boxed{2} \\confidence{0.9}"
 UNSURE_ANSWER = "\\boxed{1} \\confidence{0.2}"
 
 
+def confident_slm_path(work_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Where ``tiny:slm-confident`` lives under ``work_dir``."""
+    return Path(work_dir) / "models" / f"tiny-slm-confident-seed{seed}"
+
+
 def resolve_tier_model(spec: str, work_dir: str | os.PathLike, seed: int = 0) -> str:
     """A checkpoint folder for ``spec``: ``tiny:slm-confident`` and ``tiny:<size>`` are built on the spot
     under ``work_dir/models``; anything else is returned as given."""
     if spec == CONFIDENT_SPEC:
-        return str(make_confident_slm(Path(work_dir) / "models" / f"tiny-slm-confident-seed{seed}", seed=seed))
+        return str(make_confident_slm(confident_slm_path(work_dir, seed), seed=seed))
     from corea.train.loop import resolve_model
 
     return resolve_model(spec, Path(work_dir), seed)
