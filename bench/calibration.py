@@ -3,7 +3,7 @@
 Method
   Task: "What is a + b?". Taught sums have single-digit operands (a, b in 0..9); untaught sums have two-digit
   operands (10..99). A tiny random Qwen2 model is warm-started by SFT (Ray Train + DeepSpeed) on every taught
-  sum and on a set of untaught sums, each answer followed by a confidence drawn mostly from {0.9, 1.0}
+  sum and on 100 untaught sums, each answer followed by a confidence drawn mostly from {0.9, 1.0}
   (P(1.0) = 0.6, P(0.9) = 0.15, 0.0..0.8 share the rest): an overconfident start, like the paper's step 0.
   It learns the taught sums but cannot generalize to unseen two-digit sums: a learnable skill boundary.
   From that start, RLCC-L1 and RLVR (no confidence reward) each train for the same number of GRPO steps on
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,12 +48,13 @@ def sum_record(a: int, b: int, tag: str) -> Record:
                   dataset="calibration-sums", meta={"taught": a < 10 and b < 10})
 
 
-def build_splits(seed: int):
+def build_splits(seed: int, rl_hard_count: int = 60):
+    """SFT, RL and held-out evaluation records. The RL set holds 60 taught and ``rl_hard_count`` unseen sums."""
     rng = random.Random(seed)
     taught = [(a, b) for a in range(10) for b in range(10)]
     untaught = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(untaught)
-    sft_hard, rl_hard, eval_hard = untaught[:150], untaught[150:250], untaught[250:330]
+    sft_hard, eval_hard, rl_hard = untaught[:100], untaught[100:180], untaught[180:180 + rl_hard_count]
     rl_easy = rng.sample(taught, 60)
     eval_easy = [p for p in taught if p not in rl_easy]
     sft_set = [sum_record(a, b, "sft") for a, b in taught + sft_hard]
@@ -73,29 +75,43 @@ def sft_examples(records: list[Record], seed: int, repeats: int) -> list[dict]:
     return out
 
 
-def evaluate(model_path: str, records: list[Record], samples: int = 4) -> dict:
+def evaluate(model_path: str, records: list[Record], samples: int = 4, temperature: float = 0.6) -> dict:
     engine = load_engine(model_path)
     gens = engine.generate([r.messages() for r in records],
-                           SamplingParams(n=samples, temperature=0.6, max_tokens=16, seed=1234))
+                           SamplingParams(n=samples, temperature=temperature, max_tokens=16, seed=1234))
     texts = [[s.text for s in g.samples] for g in gens]
     verdicts = grading.grade_groups([([parse_response(t).answer for t in ts], r.gold, r.kind)
                                      for ts, r in zip(texts, records)])
     conf = [parse_response(t).confidence for ts in texts for t in ts]
     correct = [v for vs in verdicts for v in vs]
+    taught = [r.meta["taught"] for r in records for _ in range(samples)]
+
+    def mean_conf(keep) -> float:
+        vals = [c for c, k in zip(conf, keep) if k and c is not None]
+        return float(sum(vals) / max(1, len(vals)))
+
     return {"ece": metrics.ece(conf, correct), "auroc": metrics.auroc(conf, correct),
             "pass_at_1": metrics.pass_at_1(correct), "confidence_output_ratio": metrics.confidence_output_ratio(conf),
-            "mean_confidence": float(sum(c for c in conf if c is not None) / max(1, sum(c is not None for c in conf)))}
+            "mean_confidence": mean_conf([True] * len(conf)),
+            "conf_taught": mean_conf(taught), "conf_untaught": mean_conf([not t for t in taught]),
+            "acc_taught": metrics.pass_at_1([y for y, t in zip(correct, taught) if t]),
+            "acc_untaught": metrics.pass_at_1([y for y, t in zip(correct, taught) if not t])}
 
 
-def rl_config(name: str, reward: str, policy: str, out: Path, steps: int, seed: int) -> TrainConfig:
+#: GRPO settings shared by both runs (only the confidence reward differs); overridable from the command line.
+RL_DEFAULTS = {"n": 8, "prompts": 16, "train_batch": 16, "lr": 3e-4, "kl": 0.001, "temperature": 1.0}
+
+
+def rl_config(name: str, reward: str, policy: str, out: Path, steps: int, seed: int, hp: dict) -> TrainConfig:
     return TrainConfig.model_validate({
         "name": name, "seed": seed,
         "model": {"policy": policy},
         "data": {"dataset": "calibration-sums-rl", "split": None},
         "reward": {"confidence_reward": reward},
-        "rollout": {"n": 8, "prompts_per_step": 16, "temperature": 1.0, "max_tokens": 16},
-        "optim": {"steps": steps, "train_batch_prompts": 16, "micro_batch_size": 32, "lr": 3e-4,
-                  "kl_coef": 0.001, "entropy_coef": 0.0, "zero_stage": 1},
+        "rollout": {"n": hp["n"], "prompts_per_step": hp["prompts"], "temperature": hp["temperature"],
+                    "max_tokens": 16},
+        "optim": {"steps": steps, "train_batch_prompts": hp["train_batch"], "micro_batch_size": hp["n"] * hp["train_batch"],
+                  "lr": hp["lr"], "kl_coef": hp["kl"], "entropy_coef": 0.0, "zero_stage": 1},
         "resources": {"rollout_cpus": 0.5, "reward_cpus": 0.25, "trainer_cpus": 0.5, "reference_cpus": 0.25},
         "output": {"dir": str(out / name), "checkpoint_every": steps, "keep_checkpoints": 1, "tensorboard": False},
     })
@@ -125,38 +141,53 @@ def plot(runs: dict[str, Path], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--sft-repeats", type=int, default=12)
+    parser.add_argument("--sft-repeats", type=int, default=120, help="passes over the SFT set (batch 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/calibration")
+    parser.add_argument("--warm", help="an existing warm-start checkpoint: skip the SFT")
+    parser.add_argument("--runs", default="rlcc,rlvr", help="which RL runs (comma-separated: rlcc, rlvr)")
+    for key, value in RL_DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--rl-hard", type=int, default=60, help="unseen two-digit sums in the RL set (60 taught)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args(argv)
+    hp = {k: getattr(args, k) for k in RL_DEFAULTS}
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
     start = time.perf_counter()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(__doc__.split("Targets:")[0])
-    sft_set, rl_set, eval_set = build_splits(args.seed)
+    sft_set, rl_set, eval_set = build_splits(args.seed, args.rl_hard)
     register_dataset("calibration-sums-rl", loader=lambda _path: rl_set, path=out, overwrite=True)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    base = make_tiny_checkpoint(out / "base", "slm", seed=args.seed, overwrite=True)
-    warm = sft(str(base), sft_examples(sft_set, args.seed, args.sft_repeats), out / "warm",
-               SFTConfig(epochs=1, batch_size=16, lr=3e-3, seed=args.seed))
+    if args.warm:
+        warm = Path(args.warm).resolve()
+    else:
+        base = make_tiny_checkpoint(out / "base", "slm", seed=args.seed, overwrite=True)
+        warm = sft(str(base), sft_examples(sft_set, args.seed, args.sft_repeats), out / "warm",
+                   SFTConfig(epochs=1, batch_size=32, lr=3e-3, seed=args.seed))
     results = {"warm_start": evaluate(str(warm), eval_set)}
-    print(f"warm start ready after {time.perf_counter() - start:.0f} s: {results['warm_start']}")
+    print(f"warm start ready after {time.perf_counter() - start:.0f} s: {_fmt(results['warm_start'])}", flush=True)
     runs = {}
     for name, reward in (("rlcc", "l1"), ("rlvr", "none")):
-        cfg = rl_config(name, reward, str(warm), out, args.steps, args.seed)
-        last = train(cfg, progress=True)
+        if name not in args.runs.split(","):
+            continue
+        cfg = rl_config(name, reward, str(warm), out, args.steps, args.seed, hp)
+        last = train(cfg, progress=False)
         runs[name] = cfg.out_dir
         results[name] = evaluate(str(last / "hf"), eval_set)
-        print(f"{name} done after {time.perf_counter() - start:.0f} s: {results[name]}")
+        print(f"{name} done after {time.perf_counter() - start:.0f} s: {_fmt(results[name])}", flush=True)
     ray.shutdown()
     plot(runs, out / "calibration.png")
     wall = time.perf_counter() - start
     print(f"\nheld-out: {len(eval_set)} prompts x 4 samples, temperature 0.6; {args.steps} GRPO steps per run")
-    print(f"{'model':<12}{'ECE':>8}{'AUROC':>8}{'pass@1':>8}{'conf':>8}")
+    print(f"{'model':<12}{'ECE':>8}{'AUROC':>8}{'pass@1':>8}{'conf':>8}{'conf|taught':>13}{'conf|untaught':>15}")
     for name, r in results.items():
-        print(f"{name:<12}{r['ece']:>8.3f}{r['auroc']:>8.3f}{r['pass_at_1']:>8.3f}{r['mean_confidence']:>8.3f}")
+        print(f"{name:<12}{r['ece']:>8.3f}{r['auroc']:>8.3f}{r['pass_at_1']:>8.3f}{r['mean_confidence']:>8.3f}"
+              f"{r['conf_taught']:>13.3f}{r['conf_untaught']:>15.3f}")
+    if not {"rlcc", "rlvr"} <= results.keys():
+        return 0
     w, c, v = results["warm_start"], results["rlcc"], results["rlvr"]
     checks = {"ece_halved": c["ece"] <= w["ece"] / 2, "auroc_at_least_0.75": c["auroc"] >= 0.75,
               "rlvr_ece_at_least_twice": v["ece"] >= 2 * c["ece"], "under_15_min": wall < 900}
@@ -166,6 +197,10 @@ def main(argv=None) -> int:
         payload = {k: {m: results[k][m] for m in keys} for k in results} | {"wall_s": wall, "targets": checks}
         Path(args.json_path).write_text(json.dumps(payload, indent=2))
     return 0
+
+
+def _fmt(r: dict) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in r.items())
 
 
 if __name__ == "__main__":

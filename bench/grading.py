@@ -185,18 +185,21 @@ def main() -> None:
     # without the pathological responses, then one slice of the naive loop.
     naive(warm, set())  # the same warm-up for the naive loop's process
     cut = [round(i * len(groups) / args.repeats) for i in range(args.repeats + 1)]
-    with_s, clean_s, with_cpu, ours, t_naive, cpu_naive, plain = [], [], [], None, 0.0, 0.0, []
+    with_s, clean_s, with_cpu, clean_cpu, ours, t_naive, cpu_naive, plain = [], [], [], [], None, 0.0, 0.0, []
     for r in range(args.repeats):
         t, cpu, ours = corea_run(groups, warm, args.workers)
         with_s.append(t)
         with_cpu.append(cpu)
-        clean_s.append(corea_run(clean, warm, args.workers)[0])
+        t, cpu, _ = corea_run(clean, warm, args.workers)
+        clean_s.append(t)
+        clean_cpu.append(cpu)
         part = {(p - cut[r], i) for p, i in patho if cut[r] <= p < cut[r + 1]}
         t, cpu, verdicts = naive(groups[cut[r] : cut[r + 1]], part)
         t_naive, cpu_naive, plain = t_naive + t, cpu_naive + cpu, plain + verdicts
-    t_with, t_clean, cpu_with = (statistics.median(x) for x in (with_s, clean_s, with_cpu))
-    print(f"(b) corea: {t_with:.2f} s with pathological ({cpu_with:.2f} CPU s, all processes), {t_clean:.2f} s clean "
-          f"(runs: {', '.join(f'{t:.2f}' for t in with_s)} | {', '.join(f'{t:.2f}' for t in clean_s)})")
+    t_with, t_clean, cpu_with, cpu_clean = (statistics.median(x) for x in (with_s, clean_s, with_cpu, clean_cpu))
+    print(f"(b) corea: {t_with:.2f} s with pathological, {t_clean:.2f} s clean; CPU s (this process + workers): "
+          f"{cpu_with:.2f} with, {cpu_clean:.2f} clean\n    runs, wall s: {', '.join(f'{t:.2f}' for t in with_s)} | "
+          f"{', '.join(f'{t:.2f}' for t in clean_s)}")
     print(f"(a) naive: {t_naive:.2f} s ({cpu_naive:.2f} CPU s), in {args.repeats} slices")
 
     agree, differ, screened_out = 0, [], 0
@@ -215,12 +218,14 @@ def main() -> None:
     for gold, answer, a, b in differ[:30]:
         print(f"  differ: gold={gold!r} answer={answer!r} naive={a} corea={b}")
     speedup, cpu_ratio, overhead = t_naive / t_with, cpu_naive / cpu_with, (t_with - t_clean) / t_clean
+    cpu_overhead = (cpu_with - cpu_clean) / cpu_clean
     print(f"\nspeedup = naive / corea = {speedup:.2f}x wall ({cpu_ratio:.2f}x in CPU seconds); "
-          f"pathological_overhead = {overhead:+.3f}")
+          f"pathological_overhead = {overhead:+.3f} wall ({cpu_overhead:+.3f} in CPU seconds)")
     if args.json:
         args.json.write_text(json.dumps({
             "naive_s": t_naive, "corea_s": t_with, "corea_clean_s": t_clean, "speedup": speedup,
-            "naive_cpu_s": cpu_naive, "corea_cpu_s": cpu_with, "cpu_speedup": cpu_ratio,
+            "naive_cpu_s": cpu_naive, "corea_cpu_s": cpu_with, "corea_clean_cpu_s": cpu_clean,
+            "cpu_speedup": cpu_ratio, "pathological_overhead_cpu": cpu_overhead,
             "pathological_overhead": overhead, "responses": n, "prompts": len(groups),
             "pathological": len(patho), "agree": agree, "compared": total, "differ": len(differ),
             "workers": grading.Grader(args.workers).processes, "repeats": args.repeats,

@@ -4,7 +4,7 @@ Method: one tiny Qwen2 checkpoint (``make_tiny_checkpoint("slm", seed=0)``) is t
 both trainers. Both see the same prompts in the same order: the chat messages of the training records the
 tiny config loads (the shipped DeepMath sample, train split), the prompts of step k being those our loop picks
 for step k (``prompt_indices``); TRL gets them as a dataset in that order with shuffling off. Both use the same
-reward: corea's L1 RLCC reward (correctness + format + -|c - p|, p the group accuracy), which TRL computes in a
+reward, the config's (L1 RLCC: correctness + format + -|c - p|, p the group accuracy), which TRL computes in a
 reward function that regroups the batch's completions into consecutive groups of ``num_generations``. Same
 group size G (``rollout.n`` = ``num_generations``), prompts per step, max completion tokens, temperature 1.0
 (top-p 1, no top-k), KL coefficient (k3 estimator, ``beta``), entropy coefficient, clip epsilon 0.2, AdamW with
@@ -13,11 +13,11 @@ generation batch (prompts x G sequences, accumulated over micro-batches of the s
 policy update per rollout (``num_iterations=1``); loss ``bnpo`` in TRL (token mean per micro-batch, divided by
 the accumulation steps), which is our loss.
 
-Ours runs on a fresh local Ray cluster (``ray.init(address="local", num_cpus=<cores>)``, no dashboard) with the config's actors and
-resources (rollout worker, reward actor, reference actor, one DeepSpeed rank on its CPU accelerator); no
-TensorBoard, and checkpoints only after the last step (outside the timed steps). Its step time is the wall
-time between consecutive rows of ``metrics.jsonl`` (the loop body: rollout, reward, reference, train, weight
-sync and the driver's own work), and the split is the row's ``time/*_s``. TRL runs in this process
+Ours runs on a fresh local Ray cluster (``ray.init(address="local", num_cpus=<cores>)``, no dashboard) with
+the config's actors and resources (rollout worker, reward actor, reference actor, one DeepSpeed rank on its CPU
+accelerator); no TensorBoard, and checkpoints only after the last step (outside the timed steps). Its step time
+is the wall time between consecutive rows of ``metrics.jsonl`` (the loop body: rollout, reward, reference,
+train, weight sync and the driver's own work), and the split is the row's ``time/*_s``. TRL runs in this process
 (``use_vllm=False``, ``use_cpu=True``, ``report_to=[]``, no saving); its step time is ``on_step_begin`` to
 ``on_step_end`` of a ``TrainerCallback``, and its split is timed around its ``_generate`` and the reward function.
 Threads: Ray gives each of our fractional-CPU actors ``OMP_NUM_THREADS=1`` and the loop runs one stage at a
@@ -25,7 +25,7 @@ time, so TRL gets ``torch.set_num_threads(1)`` by default (``--trl-threads 0`` l
 The first ``--warmup`` steps of each are left out (ours: actor start-up, model loading, DeepSpeed set-up and
 first calls; TRL: first-call overheads). Ours runs first and its Ray cluster is shut down before TRL starts.
 
-    python bench/train_step.py [--prompts 4] [--n 4] [--max-tokens 32] [--warmup 2] [--steps 5] [--json out.json]
+    python bench/train_step.py [--prompts 4] [--n 4] [--max-tokens 32] [--warmup 2] [--steps 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ COREA_PARTS = ("rollout", "reward", "reference", "train", "sync")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"mean": statistics.fmean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
 
 
 def step_prompts(records, steps: int, prompts_per_step: int, seed: int) -> list[list]:
@@ -54,16 +55,14 @@ def step_prompts(records, steps: int, prompts_per_step: int, seed: int) -> list[
     return [select(records, prompt_indices(len(records), s, prompts_per_step, seed)) for s in range(1, steps + 1)]
 
 
-def l1_reward_func(group_size: int, timings: list[float]):
-    """A TRL reward function computing corea's group-level RLCC reward (L1) over the whole batch.
+def corea_reward_func(group_size: int, confidence_reward: str, weights, timings: list[float]):
+    """A TRL reward function computing corea's group-level RLCC reward (e.g. L1) over the whole batch.
 
     TRL passes the generation batch with the completions of each prompt consecutive (``num_generations`` each);
     they are regrouped here so that the group accuracy p is that of the G responses to one prompt."""
-    from corea.rewards import RewardWeights, batch_group_rewards
+    from corea.rewards import batch_group_rewards
 
-    weights = RewardWeights(accuracy=1.0, format=1.0, confidence=1.0)
-
-    def corea_l1(prompts, completions, gold, kind, user_prompt, **_) -> list[float]:
+    def corea_reward(prompts, completions, gold, kind, user_prompt, **_) -> list[float]:
         start = time.perf_counter()
         if len(completions) % group_size:
             raise ValueError(f"{len(completions)} completions do not split into groups of {group_size}")
@@ -74,11 +73,11 @@ def l1_reward_func(group_size: int, timings: list[float]):
                 raise ValueError("a group of completions spans several prompts")
             groups.append((texts[i : i + group_size], gold[i], kind[i]))
             group_prompts.append(user_prompt[i])
-        rewards = batch_group_rewards(groups, "l1", weights, group_prompts)
+        rewards = batch_group_rewards(groups, confidence_reward, weights, group_prompts)
         timings.append(time.perf_counter() - start)
         return [r.total for group in rewards for r in group]
 
-    return corea_l1
+    return corea_reward
 
 
 def run_corea(args, work: Path, model_path: Path) -> dict:
@@ -120,8 +119,11 @@ def run_corea(args, work: Path, model_path: Path) -> dict:
         stamps.append(time.perf_counter())
         original_log(path, writer, row)
 
+    init_start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    ray_init_s = time.perf_counter() - init_start
     loop._log = timed_log
     start = time.perf_counter()
     try:
@@ -144,10 +146,11 @@ def run_corea(args, work: Path, model_path: Path) -> dict:
         "breakdown_s": parts,
         "response_length": statistics.fmean(rows[i]["response_length"] for i in measured),
         "total_run_s": end - start,
+        "ray_init_s": ray_init_s,
     }
 
 
-def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
+def run_trl(args, work: Path, model_path: Path, per_step, reward_cfg) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -204,7 +207,7 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
     reward_times: list[float] = []
     trainer = GRPOTrainer(
         model=str(model_path),
-        reward_funcs=[l1_reward_func(args.n, reward_times)],
+        reward_funcs=[corea_reward_func(args.n, reward_cfg.confidence_reward, reward_cfg.weights, reward_times)],
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_path),
@@ -257,7 +260,8 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
     if len(timer.steps) != total_steps:
         raise RuntimeError(f"TRL ran {len(timer.steps)} steps, expected {total_steps}")
     if len(gen_times) != total_steps or len(reward_times) != total_steps:
-        raise RuntimeError(f"expected one generation and one reward call per step, got {len(gen_times)}, {len(reward_times)}")
+        raise RuntimeError(f"expected one generation and one reward call per step, got {len(gen_times)} and "
+                           f"{len(reward_times)}")
     measured = list(range(args.warmup, total_steps))
     step = [timer.steps[i] for i in measured]
     between_ends = [timer.ends[i] - timer.ends[i - 1] for i in measured if i > 0]
@@ -269,7 +273,8 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
         "per_step_s": step,
         "warmup_step_s": timer.steps[: args.warmup],
         "end_to_end_step_s": _stats(between_ends) if between_ends else None,
-        "breakdown_s": {"generate": gen, "reward": rew, "reference_train_optimizer": statistics.fmean(step) - gen - rew},
+        "breakdown_s": {"generate": gen, "reward": rew,
+                        "reference_train_optimizer": statistics.fmean(step) - gen - rew},
         "response_length": statistics.fmean(timer.logs[i]["completions/mean_length"] for i in measured)
         if len(timer.logs) >= total_steps else None,
         "torch_threads": torch.get_num_threads(),
@@ -277,15 +282,28 @@ def run_trl(args, work: Path, model_path: Path, per_step) -> dict:
     }
 
 
+def _report(name: str, r: dict, run: str) -> None:
+    s = r["step_s"]
+    warm = ", ".join(f"{x:.2f}" for x in r["warmup_step_s"])
+    print(f"\n{name}: measured steps {r['measured_steps']}")
+    print(f"  s/step mean {s['mean']:.3f}  median {s['median']:.3f}  (min {s['min']:.3f}, max {s['max']:.3f})")
+    before, after = r["load_avg_1min"]
+    print(f"  warm-up steps {warm}; {run}; 1-min load average {before:.1f} -> {after:.1f}")
+    length = r["response_length"]
+    print("  split: " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_s"].items())
+          + (f"; mean response length {length:.1f} tokens" if length is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu-rlcc.yaml"))
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu-rlcc.yaml"),
+                        help="data, reward weights and resources come from here")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--n", type=int, default=4, help="responses per prompt (G)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max completion tokens")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out at the start")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-coef", type=float, default=0.001)
     parser.add_argument("--entropy-coef", type=float, default=0.001)
@@ -315,44 +333,35 @@ def main(argv: list[str] | None = None) -> dict:
     per_step = step_prompts(records, args.warmup + args.steps, args.prompts, cfg.seed)
 
     print(f"GRPO step time, tiny Qwen2 'slm' (seed 0), {cfg.data.dataset} ({cfg.data.split}, {len(records)} records); "
-          f"{args.prompts} prompts x {args.n} responses, <= {args.max_tokens} new tokens, micro-batch {args.micro_batch}, "
-          f"1 optimizer step per rollout; {args.warmup} warm-up + {args.steps} measured steps each; {os.cpu_count()} CPU cores")
+          f"{args.prompts} prompts x {args.n} responses, <= {args.max_tokens} new tokens, "
+          f"micro-batch {args.micro_batch}, 1 optimizer step per rollout; {args.warmup} warm-up + {args.steps} "
+          f"measured steps each; {os.cpu_count()} CPU cores")
     result: dict = {"setup": {k: v for k, v in vars(args).items() if k not in ("json", "only")}}
     if args.only in ("both", "corea"):
         load = os.getloadavg()[0]
         result["corea"] = ours = run_corea(args, work, model_path)
         ours["load_avg_1min"] = [load, os.getloadavg()[0]]
-        print(f"\ncorea (Ray actors, DeepSpeed CPU): measured steps {ours['measured_steps']}")
-        print(f"  s/step mean {ours['step_s']['mean']:.3f}  median {ours['step_s']['median']:.3f}  "
-              f"(min {ours['step_s']['min']:.3f}, max {ours['step_s']['max']:.3f}); warm-up steps "
-              + ", ".join(f"{s:.2f}" for s in ours["warmup_step_s"]) + f"; whole run {ours['total_run_s']:.1f} s; "
-              f"1-min load average {ours['load_avg_1min'][0]:.1f} -> {ours['load_avg_1min'][1]:.1f}")
-        print("  split: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["breakdown_s"].items())
-              + f"; mean response length {ours['response_length']:.1f} tokens")
+        _report("corea (Ray actors, DeepSpeed CPU)", ours,
+                f"ray.init {ours['ray_init_s']:.1f} s + train() {ours['total_run_s']:.1f} s")
     if args.only in ("both", "trl"):
         import trl
 
         load = os.getloadavg()[0]
-        result["trl"] = theirs = run_trl(args, work, model_path, per_step)
+        result["trl"] = theirs = run_trl(args, work, model_path, per_step, cfg.reward)
         theirs["load_avg_1min"] = [load, os.getloadavg()[0]]
-        print(f"\nTRL {trl.__version__} GRPOTrainer (transformers generate, {theirs['torch_threads']} torch threads): "
-              f"measured steps {theirs['measured_steps']}")
-        print(f"  s/step mean {theirs['step_s']['mean']:.3f}  median {theirs['step_s']['median']:.3f}  "
-              f"(min {theirs['step_s']['min']:.3f}, max {theirs['step_s']['max']:.3f}); warm-up steps "
-              + ", ".join(f"{s:.2f}" for s in theirs["warmup_step_s"]) + f"; whole run {theirs['total_run_s']:.1f} s; "
-              f"1-min load average {theirs['load_avg_1min'][0]:.1f} -> {theirs['load_avg_1min'][1]:.1f}")
+        _report(f"TRL {trl.__version__} GRPOTrainer (transformers generate, {theirs['torch_threads']} torch threads)",
+                theirs, f"trainer.train() {theirs['total_run_s']:.1f} s")
         if theirs["end_to_end_step_s"]:
             print(f"  end to end (step end to step end, with logging) mean {theirs['end_to_end_step_s']['mean']:.3f}")
-        length = theirs["response_length"]
-        print("  split: " + ", ".join(f"{k} {v:.3f}" for k, v in theirs["breakdown_s"].items())
-              + (f"; mean response length {length:.1f} tokens" if length is not None else ""))
     if "corea" in result and "trl" in result:
         c, t = result["corea"]["step_s"], result["trl"]["step_s"]
         result.update(corea_step_s=c["mean"], trl_step_s=t["mean"], ratio=t["mean"] / c["mean"],
-                      ratio_median=t["median"] / c["median"])
+                      ratio_median=t["median"] / c["median"], ratio_min=t["min"] / c["min"])
         result["breakdown"] = {"corea": result["corea"]["breakdown_s"], "trl": result["trl"]["breakdown_s"]}
         faster = "TRL is slower" if result["ratio"] > 1 else "corea is slower"
-        print(f"\nratio trl/corea: mean {result['ratio']:.2f}, median {result['ratio_median']:.2f} ({faster})")
+        print(f"\nratio trl/corea: mean {result['ratio']:.2f}, median {result['ratio_median']:.2f}, "
+              f"fastest step {result['ratio_min']:.2f} ({faster}; on a busy machine the fastest steps are the "
+              "least disturbed)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     tmp.cleanup()

@@ -1,4 +1,4 @@
-"""Command line: ``corea train | ...``. Each subcommand is the same code as its ``ray_jobs/`` entrypoint."""
+"""Command line: ``corea train | eval | serve | demo``. Each is the same code as its ``ray_jobs/`` entrypoint."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import time
+
+    from corea.demo.pipeline import run_demo
+
+    run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port)
+    if not args.no_serve:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corea", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -29,8 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set optim.steps=4 (repeatable)")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("demo", help="the miniature COREA pipeline end to end on a local Ray cluster")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the cascade")
+    p.add_argument("--steps", type=int, default=40, help="RLCC steps")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served cascade")
+    p.set_defaults(func=_demo)
+
+    from corea.evaluate.cli import add_eval_parser
     from corea.serve.cli import add_serve_parser
 
+    add_eval_parser(sub)
     add_serve_parser(sub)
     return parser
 

@@ -81,6 +81,15 @@ def test_vllm_row_functions():
     assert sampled_logprobs(None, [1, 2]) == []
 
 
+def test_vllm_backend_is_gated():
+    from corea.evaluate.generate import vllm_available, vllm_processor
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(RuntimeError, match="models.llm: backend 'vllm' needs vLLM"):
+        vllm_processor(GenerationJob(role="llm", model_path="/m", backend="vllm"))
+
+
 # -------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def local_ray():
@@ -211,3 +220,37 @@ def test_ray_job_entry_point_reports_from_saved_records(tiny_run, tmp_path):
     again = json.loads((out / "report" / "summary.json").read_text())
     assert again["systems"]["COREA"]["in_domain"]["pass_at_1"] == summary["systems"]["COREA"]["in_domain"]["pass_at_1"]
     assert again["threshold_selection"] == [] and not (out / "generations").exists()
+
+
+@pytest.mark.slow
+def test_vllm_processor_builds_with_ray_data_llm(local_ray, monkeypatch):
+    """The ray.data.llm processor is built from our config and row functions (running it needs vLLM + a GPU)."""
+    import corea.evaluate.generate as generate
+
+    monkeypatch.setattr(generate, "vllm_available", lambda: True)
+    job = GenerationJob(role="llm", model_path="/models/llm", backend="vllm", concurrency=2, batch_size=16,
+                        options={"tensor_parallel_size": 2, "dtype": "bfloat16"})
+    processor = generate.vllm_processor(job)
+    assert type(processor).__name__ == "Processor"
+
+
+def _vllm_and_gpu() -> bool:
+    from corea.evaluate.generate import vllm_available
+
+    if not vllm_available():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+@pytest.mark.skipif(not _vllm_and_gpu(), reason="needs vLLM and a GPU")
+def test_vllm_generation(local_ray, tiny_checkpoints):
+    from corea.evaluate.generate import generate
+
+    job = GenerationJob(role="corea", model_path=str(tiny_checkpoints["slm"]), backend="vllm", runs=2, max_tokens=8,
+                        options={"gpu_memory_utilization": 0.3, "enforce_eager": True}, num_gpus=1)
+    frame = generate(job, load_dataset("gsm8k", limit=3), progress=False)
+    assert len(frame) == 6 and (frame["output_tokens"] >= 1).all() and frame["mean_token_prob"].between(0, 1).all()

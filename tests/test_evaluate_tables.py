@@ -267,3 +267,36 @@ def test_cascade_point_matches_corea_cost():
     direct = cascade_point(part["score"].tolist(), part["slm_correct"], part["slm_cost"], part["llm_correct"],
                            part["llm_cost"], 0.75)
     assert direct.pass_at_1 == pytest.approx(0.75) and direct.relative_cost == pytest.approx(90 / 110)
+
+
+def test_cli_reports_from_saved_records_and_rejects_bad_configs(tmp_path, capsys):
+    from corea.evaluate.cli import main_eval
+    from corea.evaluate.records import save_records
+
+    parquet = save_records(hand_records(), tmp_path / "records.parquet")
+    rc = main_eval(["--config", "configs/eval-tiny-cpu.yaml", "--records", str(parquet), "--out", str(tmp_path / "out"),
+                    "--set", "cascade.size_ratio=2", "--set", "metrics.n_boot=20", "--set", "selection.enabled=false"])
+    assert rc == 0 and "report.md" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["systems"]["COREA"]["in_domain"]["relative_cost"] == pytest.approx(90 / 110)
+    assert main_eval(["--config", "configs/eval-tiny-cpu.yaml", "--set", "generation.temperature=-1"]) == 2
+    assert "generation.temperature" in capsys.readouterr().err
+
+
+def test_fast_cascade_values_equal_corea_cost():
+    from corea.cost import router_point
+    from corea.evaluate.cascade import Arrays, as_vector, fast_values, point
+
+    rng = np.random.default_rng(3)
+    n = 200
+    frame = pd.DataFrame({"score": np.where(rng.random(n) < 0.1, np.nan, np.round(rng.random(n), 2)),
+                          "slm_correct": rng.random(n) < 0.5, "slm_cost": rng.integers(10, 500, n).astype(float),
+                          "llm_correct": rng.random(n) < 0.7, "llm_cost": rng.integers(50, 3000, n).astype(float),
+                          "router_cost": rng.integers(5, 40, n).astype(float)})
+    arrays = Arrays.of(frame)
+    for tau in (0.0, 0.25, 0.5, 0.73, 1.0, 1.1):
+        for router in (False, True):
+            assert fast_values(arrays, tau, router) == pytest.approx(as_vector(point(frame, tau, router)))
+    direct = router_point(frame["score"].tolist(), frame["router_cost"], frame["slm_correct"], frame["slm_cost"],
+                          frame["llm_correct"], frame["llm_cost"], 0.5)
+    assert fast_values(arrays, 0.5, True) == pytest.approx(as_vector(direct))

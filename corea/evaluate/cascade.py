@@ -82,6 +82,42 @@ def as_vector(p: CascadePoint) -> np.ndarray:
     return np.array([getattr(p, f) for f in VALUE_FIELDS], dtype=float)
 
 
+@dataclass(frozen=True)
+class Arrays:
+    """One dataset's joined rows as arrays, for the many evaluations of sweeps and bootstraps."""
+
+    score: np.ndarray
+    slm_correct: np.ndarray
+    slm_cost: np.ndarray
+    llm_correct: np.ndarray
+    llm_cost: np.ndarray
+    router_cost: np.ndarray
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> "Arrays":
+        return cls(*(frame[c].to_numpy(float) for c in ("score", "slm_correct", "slm_cost", "llm_correct",
+                                                        "llm_cost", "router_cost")))
+
+    def take(self, idx: np.ndarray) -> "Arrays":
+        return Arrays(*(a[idx] for a in (self.score, self.slm_correct, self.slm_cost, self.llm_correct,
+                                         self.llm_cost, self.router_cost)))
+
+
+def fast_values(a: Arrays, tau: float, router: bool = False) -> np.ndarray:
+    """``as_vector(point(...))`` computed on arrays (``corea.cost``'s formulas, vectorized; tested equal)."""
+    defer = np.isnan(a.score) | (a.score < tau)
+    correct = np.where(defer, a.llm_correct, a.slm_correct)
+    slm = float(np.mean(a.router_cost + np.where(defer, 0.0, a.slm_cost))) if router else float(np.mean(a.slm_cost))
+    llm = float(np.mean(np.where(defer, a.llm_cost, 0.0)))
+    llm_only = float(np.mean(a.llm_cost))
+    return np.array([correct.mean(), slm + llm, slm, llm, (slm + llm) / llm_only if llm_only > 0 else np.nan,
+                     100.0 * defer.mean()])
+
+
+def as_point(values: np.ndarray, tau: float) -> CascadePoint:
+    return CascadePoint(threshold=float(tau), **dict(zip(VALUE_FIELDS, map(float, values))))
+
+
 def macro_point(points: Sequence[CascadePoint], tau: float = float("nan")) -> CascadePoint:
     """Field-wise mean of dataset points (a group's point)."""
     values = macro(as_vector(p) for p in points)
@@ -129,11 +165,12 @@ def evaluate_system(
         if part.empty or np.isnan(tau):
             continue
         groups.setdefault(part["group"].iloc[0], []).append(dataset)
+        arrays = Arrays.of(part)
         result.at_default[dataset] = point(part, tau, router)
-        reps[dataset] = replicates(part["id"], lambda i: as_vector(point(part.iloc[i], tau, router)), n_boot,
+        reps[dataset] = replicates(part["id"], lambda i: fast_values(arrays.take(i), tau, router), n_boot,
                                    dataset_seed(seed, dataset))
         result.intervals[dataset] = _intervals(result.at_default[dataset], reps[dataset], level)
-        result.sweeps[dataset] = [point(part, t, router) for t in sweep_taus]
+        result.sweeps[dataset] = [as_point(fast_values(arrays, t, router), t) for t in sweep_taus]
     for group in ordered_groups(groups):
         members = groups[group]
         result.at_default[group] = macro_point([result.at_default[m] for m in members])
@@ -232,7 +269,8 @@ def select_thresholds(
         held = {d: rows[(rows["dataset"] == d) & ~calib[rows.index]].reset_index(drop=True) for d in datasets}
         if any(f.empty for f in cal.values()) or any(f.empty for f in held.values()):
             continue
-        sweep = [macro_point([point(cal[d], t, router) for d in datasets], t) for t in taus]
+        cal_arrays = [Arrays.of(cal[d]) for d in datasets]
+        sweep = [as_point(macro(fast_values(a, t, router) for a in cal_arrays), t) for t in taus]
         acc = [p.pass_at_1 for p in sweep]
         cal_llm = float(np.mean([cal[d]["llm_correct"].mean() for d in datasets]))
         targets = [(f"max_drop={m:g}", select_max_drop(taus, acc, [p.avg_cost for p in sweep], cal_llm, m), ("drop", m))
@@ -262,10 +300,13 @@ def _held_out(held: dict[str, pd.DataFrame], tau, router, n_boot, level, seed) -
     value = _held_out_vector(held, tau, router)
     per_dataset = []
     for d, f in held.items():
-        def fn(i, f=f):
-            sub = f.iloc[i]
-            p = point(sub, tau, router)
-            return np.array([p.pass_at_1, p.relative_cost, p.llm_pct, sub["llm_correct"].mean() - p.pass_at_1])
+        arrays = Arrays.of(f)
+
+        def fn(i, arrays=arrays):
+            sub = arrays.take(i)
+            v = fast_values(sub, tau, router)
+            return np.array([v[0], v[4], v[5], sub.llm_correct.mean() - v[0]])
+
         per_dataset.append(replicates(f["id"], fn, n_boot, dataset_seed(seed + 1, d)))
     reps = macro(per_dataset)
     return {k: interval(float(value[j]), reps[:, j], level) for j, k in enumerate(keys)}

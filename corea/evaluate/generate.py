@@ -25,6 +25,7 @@ import pandas as pd
 
 from corea.data import Record
 from corea.data.registry import DATASETS
+from corea.evaluate.baselines import parse_router_prob, router_messages
 from corea.evaluate.records import question_seed
 
 STYLES = ("corea", "router")
@@ -53,14 +54,13 @@ class GenerationJob:
 
     def fingerprint(self) -> dict:
         """What determines the generated records (for reusing a saved pass)."""
-        keys = ("role", "model_path", "style", "runs", "temperature", "top_p", "max_tokens", "seed", "backend")
+        keys = ("role", "model_path", "style", "runs", "temperature", "top_p", "max_tokens", "seed", "backend",
+                "options")
         return {k: getattr(self, k) for k in keys}
 
 
 def question_rows(records: Sequence[Record], style: str, seed: int) -> list[dict[str, Any]]:
     """One row per question: the prompt as chat messages (JSON) and the question's sampling seed."""
-    from corea.evaluate.baselines import router_messages
-
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     rows = []
@@ -111,7 +111,6 @@ def grade_batch(batch: pd.DataFrame, style: str = "corea", processes: int = 1) -
     ``corea`` style: the last \\boxed{} graded against gold, the last \\confidence{}. ``router`` style:
     confidence = p_router (the first number of the output, valid in [0, 1]), answer None, correct False."""
     from corea import grading
-    from corea.evaluate.baselines import parse_router_prob
     from corea.protocol import parse_response
 
     batch = batch.copy()

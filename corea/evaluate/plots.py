@@ -39,6 +39,18 @@ def _legend(fig, axes) -> None:
         fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=8)
 
 
+def _percent_axis(ax) -> None:
+    """Keep a percentage y axis within [0, 100] and at least 10 points tall (flat curves stay readable)."""
+    lo, hi = ax.get_ylim()
+    lo, hi = max(lo, 0.0), min(hi, 100.0)
+    if hi - lo < 10:
+        mid = (lo + hi) / 2
+        lo = min(max(0.0, mid - 5), 90.0)
+        hi = lo + 10
+    pad = 0.03 * (hi - lo)  # curves lying on 0 or 100 stay visible
+    ax.set_ylim(lo - pad, hi + pad)
+
+
 def _empty(ax) -> None:
     ax.text(0.5, 0.5, "no confidence stated", transform=ax.transAxes, ha="center", va="center", color="0.4")
 
@@ -69,6 +81,7 @@ def pareto(data, path: Path) -> Path:
         ax.set_title(_label(g))
         ax.set_xlabel("cost (% of LLM-only)")
         ax.set_ylabel("pass@1 (%)")
+        _percent_axis(ax)
         ax.grid(alpha=0.3)
     _legend(fig, axes)
     fig.suptitle("pass@1 vs cost over thresholds tau in [0, 1.1] (dots: default tau)")
@@ -95,6 +108,7 @@ def threshold_curves(data, path: Path) -> Path:
             bottom.axhline(100, color=_COLORS["LLM"], ls="--", lw=1, label="LLM only")
         top.set_title(_label(g))
         top.set_ylabel("pass@1 (%)")
+        _percent_axis(top)
         bottom.set_ylabel("cost (% of LLM-only)")
         bottom.set_xlabel("threshold tau")
         for ax in (top, bottom):
@@ -119,9 +133,12 @@ def reliability(data, group: str, path: Path, n_bins: int = 10) -> Path:
         acc = [0.0 if b.count == 0 else b.accuracy for b in bins]
         ax.bar(centers, acc, width=1 / n_bins, edgecolor="black", lw=0.5, color=_COLORS.get(src, "#1f77b4"),
                alpha=0.75, label="accuracy")
+        filled = [b for b in bins if b.count]
+        ax.bar([(b.lower + b.upper) / 2 for b in filled], [b.confidence - b.accuracy for b in filled],
+               bottom=[b.accuracy for b in filled], width=1 / n_bins, fill=False, edgecolor="#d62728", hatch="//",
+               lw=0.6, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        conf = [b.confidence for b in bins if b.count]
-        ax.plot(conf, [b.accuracy for b in bins if b.count], "o", color="black", ms=3, label="(mean conf, acc)")
+        ax.plot([b.confidence for b in filled], [b.accuracy for b in filled], "o", color="black", ms=3)
         n = sum(b.count for b in bins)
         if n == 0:
             _empty(ax)

@@ -104,8 +104,10 @@ def question_seed(seed: int, dataset: str, qid: str) -> int:
 
 def calibration_mask(frame: pd.DataFrame, fraction: float, seed: int = 0) -> np.ndarray:
     """True for rows whose question falls in the calibration split (split_key < fraction); runs stay together."""
-    keys = {(d, q): split_key(seed, d, q) for d, q in set(zip(frame["dataset"], frame["id"]))}
-    return np.array([keys[(d, q)] < fraction for d, q in zip(frame["dataset"], frame["id"])], dtype=bool)
+    pairs = frame[["dataset", "id"]].astype(str).drop_duplicates()
+    inside = {(d, q) for d, q in pairs.itertuples(index=False) if split_key(seed, d, q) < fraction}
+    keys = frame["dataset"].astype(str) + "\0" + frame["id"].astype(str)
+    return keys.isin({f"{d}\0{q}" for d, q in inside}).to_numpy()
 
 
 def join_system(

@@ -22,7 +22,6 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from corea.metrics import Interval
 
@@ -56,7 +55,7 @@ def auroc_fast(score: np.ndarray, correct: np.ndarray) -> float:
     n0 = y.size - n1
     if n1 == 0 or n0 == 0:
         return float("nan")
-    ranks = rankdata(c)
+    ranks = pd.Series(c).rank(method="average").to_numpy()
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
@@ -87,7 +86,8 @@ class Clusters:
     """Rows grouped by question, for resampling questions with replacement (each with all its rows)."""
 
     def __init__(self, question: Iterable):
-        codes, _ = pd.factorize(pd.Series(list(question), dtype=object))
+        values = question if isinstance(question, (pd.Series, np.ndarray)) else np.asarray(list(question), dtype=object)
+        codes, _ = pd.factorize(values)
         self.order = np.argsort(codes, kind="stable")
         counts = np.bincount(codes) if codes.size else np.zeros(0, dtype=int)
         self.lengths = counts

@@ -128,6 +128,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 rank_stats = actors.train(sequences, ref_logprobs)
             with timer("sync"):
                 actors.sync_weights(version=step)
+            timer.seconds["time/step_s"] = sum(timer.seconds.values())
             row = {"step": step, **step_metrics(rewards, rollouts), **_mean(rank_stats), **timer.seconds,
                    "weights_version": rollouts[0]["weights_version"]}
             _log(out / METRICS_FILE, writer, row)

@@ -135,14 +135,22 @@ class Policy:
         sequences = list(sequences)
         if not sequences or len(sequences) % self.sequences_per_update:
             raise ValueError(f"{len(sequences)} sequences do not split into updates of {self.sequences_per_update}")
-        old = self.logprobs(sequences)
+        # The first update runs on unchanged weights, so its old log-probs are its own, detached; only the
+        # sequences of later updates need a no-grad pass before the first optimizer step.
+        first = self.sequences_per_update
+        old: list[list[float] | None] = [None] * first + self.logprobs(sequences[first:])
         self.engine.train()
-        totals: dict[str, float] = {"rollout_logprob_gap": _max_gap(old, sequences)}
+        totals: dict[str, float] = {}
         chunks = list(_micro_batches(list(range(len(sequences))), self.optim.micro_batch_size))
         for idx in chunks:
             batch = pack([sequences[i] for i in idx], self.pad_id).to(self.device)
             logp, entropy = score(self.engine, batch, with_entropy=True)
-            old_t = repack([old[i] for i in idx], batch).to(self.device)
+            if idx[0] < first:
+                old_t = logp.detach()
+                for i, values in zip(idx, unpack(old_t.float(), batch)):
+                    old[i] = values
+            else:
+                old_t = repack([old[i] for i in idx], batch).to(self.device)
             ref_t = repack([ref_logprobs[i] for i in idx], batch).to(self.device) if ref_logprobs else None
             adv = torch.tensor([sequences[i].advantage for i in idx], device=self.device)
             terms = grpo_loss(
@@ -152,8 +160,9 @@ class Policy:
             self.engine.backward(terms.loss)
             self.engine.step()  # applies the optimizer only at the accumulation boundary
             for name in ("loss", "policy_loss", "kl", "entropy", "clip_fraction", "ratio_mean"):
-                totals[name] = totals.get(name, 0.0) + float(getattr(terms, name))
-        totals = {k: v if k == "rollout_logprob_gap" else v / len(chunks) for k, v in totals.items()}
+                totals[name] = totals.get(name, 0.0) + float(getattr(terms, name).detach())
+        totals = {k: v / len(chunks) for k, v in totals.items()}
+        totals["rollout_logprob_gap"] = _max_gap(old, sequences)
         totals["optimizer_steps"] = float(self.engine.global_steps)
         return totals
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, ActorDiedError, ActorUnavailableError)
 MAX_RETRIES = 3
 PLACEMENT_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 900
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
@@ -117,7 +118,16 @@ class ClusterActors:
         )
         self._weights: tuple[Any, int] | None = None  # (object ref of the latest state dict, version)
         # wait for every constructor (model loading, DeepSpeed start-up) so step times measure steps
-        ray.get([a.__ray_ready__.remote() for a in [*self.rollout, *self.reward, *self.policy, self.reference]])
+        actors = [*self.rollout, *self.reward, *self.policy, self.reference]
+        ready, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors),
+                                  timeout=STARTUP_TIMEOUT_S)
+        ray.get(ready)  # raises the error of an actor whose constructor failed
+        if waiting:
+            raise RuntimeError(
+                f"{len(waiting)} actors did not start within {STARTUP_TIMEOUT_S} s. On CPU, DeepSpeed builds its "
+                "shared-memory op once under ~/.cache/torch_extensions; a build killed midway leaves a 'lock' "
+                "file there that blocks every later start: remove it."
+            )
 
     # --- rollout -------------------------------------------------------------------------------------------
     def _resync(self, worker) -> None:
