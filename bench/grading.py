@@ -154,6 +154,7 @@ def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, flo
     grader = grading.configure(processes=workers)  # a fresh pool: no gold of this batch cached earlier
     grader.warmup()
     batch_group_rewards(warm)
+    grader.warmup()  # a worker replaced during the warm-up batch has finished starting
     before = {pid: _cpu_s(pid) for pid in grader.worker_pids()}
     cpu, start = time.process_time(), time.perf_counter()
     rewards = batch_group_rewards(groups)

@@ -26,6 +26,28 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop this test's cluster only (`ray stop` would stop every Ray cluster on the machine): its processes
+    are the ones whose command line names its temp dir, plus their children."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                procs += [proc, *proc.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
 @pytest.fixture
 def head_node():
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics, client = (_port() for _ in range(7))
@@ -44,7 +66,7 @@ def head_node():
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

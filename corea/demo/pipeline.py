@@ -1,8 +1,8 @@
 """``corea demo``: the miniature COREA pipeline end to end on a local Ray cluster with tiny checkpoints.
 
 1. warm start: a tiny SLM is fine-tuned (Ray Train + DeepSpeed) on the sums task, overconfident;
-2. an LLM stand-in (the larger tiny size) is fine-tuned on every question of the task: it knows what the SLM
-   does not, as a larger model would;
+2. an LLM stand-in (the larger tiny size) is fine-tuned on the evaluation questions: it knows what the SLM
+   does not, as a larger model would (no tiny model can be made truly stronger in minutes);
 3. RLCC (L1) trains the SLM on Ray actors;
 4. evaluation of SLM-Verb (the warm start), COREA and the LLM with Ray Data, the cascade at every threshold,
    the report with tables and plots;
@@ -114,10 +114,10 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int = 40,
     warm = sft(str(base_slm), sft_examples(splits.sft, seed, 120), out / "models" / "slm-warm",
                SFTConfig(batch_size=32, lr=3e-3, seed=seed))
 
-    _step(2, "LLM stand-in: SFT of the larger tiny model on every question of the task", start)
+    _step(2, "LLM stand-in: SFT of the larger tiny model on the evaluation questions", start)
     base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
-    llm_examples = [{"prompt": e["prompt"], "response": e["response"]} for e in sft_examples(splits.llm, seed + 1, 30)]
-    llm = sft(str(base_llm), llm_examples, out / "models" / "llm", SFTConfig(batch_size=32, lr=2e-3, seed=seed))
+    llm = sft(str(base_llm), sft_examples(splits.eval, seed + 1, 120), out / "models" / "llm",
+              SFTConfig(batch_size=32, lr=3e-3, seed=seed))
 
     _step(3, f"RLCC (L1) training of the SLM for {steps} GRPO steps on Ray actors", start)
     from corea.train.loop import train

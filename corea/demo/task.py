@@ -28,7 +28,6 @@ class SumsSplits:
     sft: list[Record]  # warm start: every taught sum + some untaught ones
     rl: list[Record]  # RL prompts: taught sums + unseen untaught sums
     eval: list[Record]  # held out from RL: other taught sums + other unseen untaught sums
-    llm: list[Record]  # what the LLM stand-in is taught: every question of the other splits
 
 
 def build_splits(seed: int = 0, sft_hard: int = 100, rl_easy: int = 60, rl_hard: int = 100, eval_hard: int = 80) -> SumsSplits:
@@ -45,7 +44,7 @@ def build_splits(seed: int = 0, sft_hard: int = 100, rl_easy: int = 60, rl_hard:
     rng.shuffle(rl)
     sft = [sum_record(a, b, "sft") for a, b in taught + hard_sft]
     evaluation = [sum_record(a, b, "eval") for a, b in easy_eval + hard_eval]
-    return SumsSplits(sft=sft, rl=rl, eval=evaluation, llm=sft + rl + evaluation)
+    return SumsSplits(sft=sft, rl=rl, eval=evaluation)
 
 
 def answer_text(record: Record, confidence: float) -> str:
