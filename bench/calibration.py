@@ -6,13 +6,17 @@ Method
   sum and on 100 untaught sums, each answer followed by a confidence drawn mostly from {0.9, 1.0}
   (P(1.0) = 0.6, P(0.9) = 0.15, 0.0..0.8 share the rest): an overconfident start, like the paper's step 0.
   It learns the taught sums but cannot generalize to unseen two-digit sums: a learnable skill boundary.
-  From that start, RLCC-L1 and RLVR (no confidence reward) each train for the same number of GRPO steps on
-  the same prompts (a mix of taught sums and unseen two-digit sums), with the project's Ray trainer.
+  From that start, RLCC-L1 and RLVR (no confidence reward) each train for 100 GRPO steps (16 prompts x 8
+  responses, temperature 1.0, lr 3e-4, KL 0.001) on the same prompts, with the project's Ray trainer. The RL
+  set is balanced: 60 taught sums and 60 unseen two-digit sums. (With 60 taught vs 100 unseen, the hard
+  prompts' "lower your confidence" signal outweighed the easy prompts' "raise it" signal and the model
+  lowered its confidence everywhere instead of learning where its skill ends: AUROC stayed ~0.5.)
   Held-out evaluation: unseen two-digit sums plus taught sums, 4 samples each at temperature 0.6; ECE
   (10 bins), AUROC and pass@1 of the warm start, RLCC and RLVR.
 Targets: ECE(RLCC) <= ECE(warm start) / 2, AUROC(RLCC) >= 0.75, ECE(RLVR) >= 2 * ECE(RLCC), under 15 min.
 
-    python bench/calibration.py [--steps 40] [--out runs/calibration] [--json PATH]
+    python bench/calibration.py [--steps 100] [--out runs/calibration] [--json PATH]
+    python bench/calibration.py --warm runs/calibration/warm --runs rlcc    # RL only, from a saved warm start
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def plot(runs: dict[str, Path], path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--sft-repeats", type=int, default=120, help="passes over the SFT set (batch 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/calibration")
