@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the miniature COREA pipeline end to end on a local Ray cluster")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the cascade")
-    p.add_argument("--steps", type=int, default=40, help="RLCC steps")
+    p.add_argument("--steps", type=int, default=100, help="RLCC steps")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served cascade")
     p.set_defaults(func=_demo)
 

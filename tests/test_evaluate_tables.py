@@ -270,16 +270,16 @@ def test_cascade_point_matches_corea_cost():
 
 
 def test_cli_reports_from_saved_records_and_rejects_bad_configs(tmp_path, capsys):
-    from corea.evaluate.cli import main_eval
+    from corea.cli import main
     from corea.evaluate.records import save_records
 
     parquet = save_records(hand_records(), tmp_path / "records.parquet")
-    rc = main_eval(["--config", "configs/eval-tiny-cpu.yaml", "--records", str(parquet), "--out", str(tmp_path / "out"),
+    rc = main(["eval", "--config", "configs/eval-tiny-cpu.yaml", "--records", str(parquet), "--out", str(tmp_path / "out"),
                     "--set", "cascade.size_ratio=2", "--set", "metrics.n_boot=20", "--set", "selection.enabled=false"])
     assert rc == 0 and "report.md" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert summary["systems"]["COREA"]["in_domain"]["relative_cost"] == pytest.approx(90 / 110)
-    assert main_eval(["--config", "configs/eval-tiny-cpu.yaml", "--set", "generation.temperature=-1"]) == 2
+    assert main(["eval", "--config", "configs/eval-tiny-cpu.yaml", "--set", "generation.temperature=-1"]) == 2
     assert "generation.temperature" in capsys.readouterr().err
 
 

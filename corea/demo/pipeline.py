@@ -98,7 +98,7 @@ def sample_request(url: str) -> dict:
     return response.json()
 
 
-def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int = 40, seed: int = 0, port: int = 8000) -> Path:
+def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int = 100, seed: int = 0, port: int = 8000) -> Path:
     """Run the pipeline; returns the report folder. With ``serve``, the endpoint stays up afterwards."""
     start = time.perf_counter()
     out = Path(out).resolve()

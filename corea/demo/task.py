@@ -30,20 +30,21 @@ class SumsSplits:
     eval: list[Record]  # held out from RL: other taught sums + other unseen untaught sums
 
 
-def build_splits(seed: int = 0, sft_hard: int = 100, rl_easy: int = 60, rl_hard: int = 100, eval_hard: int = 80) -> SumsSplits:
+def build_splits(seed: int = 0, rl_hard: int = 60) -> SumsSplits:
+    """Disjoint splits; the RL set is balanced (60 taught, ``rl_hard`` unseen untaught sums): with many more
+    hard prompts, their "lower your confidence" signal outweighs the easy prompts' "raise it" and the model
+    lowers its confidence everywhere instead of learning where its skill ends."""
     rng = random.Random(seed)
     taught = [(a, b) for a in range(10) for b in range(10)]
     untaught = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(untaught)
-    hard_sft = untaught[:sft_hard]
-    hard_rl = untaught[sft_hard : sft_hard + rl_hard]
-    hard_eval = untaught[sft_hard + rl_hard : sft_hard + rl_hard + eval_hard]
-    easy_rl = rng.sample(taught, rl_easy)
+    sft_hard, eval_hard, hard_rl = untaught[:100], untaught[100:180], untaught[180 : 180 + rl_hard]
+    easy_rl = rng.sample(taught, 60)
     easy_eval = [p for p in taught if p not in easy_rl]
+    sft = [sum_record(a, b, "sft") for a, b in taught + sft_hard]
     rl = [sum_record(a, b, "rl") for a, b in easy_rl + hard_rl]
     rng.shuffle(rl)
-    sft = [sum_record(a, b, "sft") for a, b in taught + hard_sft]
-    evaluation = [sum_record(a, b, "eval") for a, b in easy_eval + hard_eval]
+    evaluation = [sum_record(a, b, "eval") for a, b in easy_eval + eval_hard]
     return SumsSplits(sft=sft, rl=rl, eval=evaluation)
 
 

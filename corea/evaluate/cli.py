@@ -1,9 +1,8 @@
-"""``corea eval``: evaluation, cascade simulation and report; also ``ray_jobs/evaluate.py``."""
+"""``corea eval``: evaluation, cascade simulation and report (``ray_jobs/evaluate.py`` runs the same)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -33,20 +32,3 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="skip generation: build the report from saved records (a parquet file or folder)")
     p.set_defaults(func=_eval)
     return p
-
-
-def main_eval(argv: list[str] | None = None) -> int:
-    """``corea eval`` as a standalone command line (used by ray_jobs/evaluate.py)."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="corea")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"corea eval: error: {exc}", file=sys.stderr)
-        return 2

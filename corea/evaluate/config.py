@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
 from corea.cost import MAX_THRESHOLD, QWEN_32B_OVER_7B
 from corea.train.sft import SFTConfig
 
@@ -212,34 +212,7 @@ class EvalConfig(_Strict):
         return Path(self.output_dir)
 
 
-class ConfigError(ValueError):
-    """An invalid config file; the message names the file and the field."""
-
-
-def _set_dotted(raw: dict, dotted: str, value) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
-
-
 def load_eval_config(path: str | Path, overrides: dict | None = None) -> EvalConfig:
     """Read and validate an evaluation YAML; ``overrides`` are dotted keys (``generation.runs``) set on top,
     string values parsed as YAML (``"2"`` -> 2)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
-    try:
-        return EvalConfig.model_validate(raw)
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: invalid config: {fields}") from exc
+    return load_config_file(path, EvalConfig, overrides)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 
@@ -71,16 +70,3 @@ def run_serve(args: argparse.Namespace) -> int:
             serve.delete(name)
         print("applications deleted", flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``serve`` as a standalone command (used by ``ray_jobs/serve_cascade.py``)."""
-    parser = argparse.ArgumentParser(prog="serve_cascade")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        return 2

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
 from corea.cost import MAX_THRESHOLD, QWEN_32B_OVER_7B
 
 
@@ -250,40 +250,7 @@ class ServeConfig(_Strict):
         return self
 
 
-class ConfigError(ValueError):
-    """An invalid serving config; the message names the file and the field."""
-
-
-def _apply_overrides(raw: dict, overrides: dict[str, Any] | None) -> dict:
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value) if isinstance(value, str) else value
-    return raw
-
-
 def load_serve_config(source: str | Path | dict, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Validate a serving config from a YAML file or a dict; ``overrides`` are dotted keys (``http.port``),
     string values parsed as YAML scalars."""
-    where = "config"
-    if isinstance(source, dict):
-        raw = dict(source)
-    else:
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = _apply_overrides(raw, overrides)
-    try:
-        return ServeConfig.model_validate(raw)
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where}: invalid config: {fields}") from exc
+    return load_config_file(source, ServeConfig, overrides)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
 
 from corea.rewards import CONFIDENCE_REWARDS, RewardWeights
 
@@ -125,27 +126,6 @@ class TrainConfig(_Strict):
         return Path(self.output.dir)
 
 
-class ConfigError(ValueError):
-    """An invalid config file; the message names the file and the field."""
-
-
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read and validate a YAML config; ``overrides`` are dotted keys (``optim.steps``) applied on top."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: invalid config: {fields}") from exc
+    """Read and validate a training YAML; ``overrides`` are dotted keys (``optim.steps``) applied on top."""
+    return load_config_file(path, TrainConfig, overrides)
