@@ -8,11 +8,14 @@ Method
   It learns the taught sums but cannot generalize to unseen two-digit sums: a learnable skill boundary.
   From that start, RLCC-L1 and RLVR (no confidence reward) each train for 100 GRPO steps (16 prompts x 8
   responses, temperature 1.0, lr 3e-4, KL 0.001) on the same prompts, with the project's Ray trainer. The RL
-  set is balanced: 60 taught sums and 60 unseen two-digit sums. (With 60 taught vs 100 unseen, the hard
-  prompts' "lower your confidence" signal outweighed the easy prompts' "raise it" signal and the model
-  lowered its confidence everywhere instead of learning where its skill ends: AUROC stayed ~0.5.)
-  Held-out evaluation: unseen two-digit sums plus taught sums, 4 samples each at temperature 0.6; ECE
-  (10 bins), AUROC and pass@1 of the warm start, RLCC and RLVR.
+  set is balanced: 60 taught sums and 60 unseen two-digit sums. RLCC first lowers its confidence everywhere
+  (ECE falls, AUROC flat) and only later learns where its skill ends; with 60 taught vs 100 unseen sums the
+  hard prompts' "lower it" signal dominates longer (AUROC ~0.6 until step ~60, 0.5 at eval after 40 steps),
+  while the balanced set reaches AUROC 0.8 about 20 steps sooner. Confidences tokenize digit by digit
+  ("1", ".", "0"), so every value in 0.0..1.0 is reachable.
+  Held-out evaluation: 80 unseen two-digit sums plus the 40 taught sums outside the RL set, 4 samples each
+  at temperature 0.6; ECE (10 bins), AUROC and pass@1 of the warm start, RLCC and RLVR. The plot shows ECE
+  and AUROC of each run's training rollouts per step.
 Targets: ECE(RLCC) <= ECE(warm start) / 2, AUROC(RLCC) >= 0.75, ECE(RLVR) >= 2 * ECE(RLCC), under 15 min.
 
     python bench/calibration.py [--steps 100] [--out runs/calibration] [--json PATH]
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,48 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corea import grading, metrics  # noqa: E402
 from corea.data import Record, register_dataset  # noqa: E402
+from corea.demo.task import build_splits, sft_examples  # noqa: E402
 from corea.engines import SamplingParams, load_engine  # noqa: E402
 from corea.models import make_tiny_checkpoint  # noqa: E402
 from corea.protocol import parse_response  # noqa: E402
 from corea.train.config import TrainConfig  # noqa: E402
 from corea.train.loop import train  # noqa: E402
 from corea.train.sft import SFTConfig, sft  # noqa: E402
-
-CONFIDENCES = [round(0.1 * k, 1) for k in range(11)]
-CONFIDENCE_WEIGHTS = [0.25 / 9] * 9 + [0.15, 0.6]  # 0.0..0.8 share 0.25; 0.9: 0.15; 1.0: 0.6
-
-
-def sum_record(a: int, b: int, tag: str) -> Record:
-    return Record(id=f"{tag}-{a}-{b}", question=f"What is {a} + {b}?", gold=str(a + b), kind="math",
-                  dataset="calibration-sums", meta={"taught": a < 10 and b < 10})
-
-
-def build_splits(seed: int, rl_hard_count: int = 60):
-    """SFT, RL and held-out evaluation records. The RL set holds 60 taught and ``rl_hard_count`` unseen sums."""
-    rng = random.Random(seed)
-    taught = [(a, b) for a in range(10) for b in range(10)]
-    untaught = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    rng.shuffle(untaught)
-    sft_hard, eval_hard, rl_hard = untaught[:100], untaught[100:180], untaught[180:180 + rl_hard_count]
-    rl_easy = rng.sample(taught, 60)
-    eval_easy = [p for p in taught if p not in rl_easy]
-    sft_set = [sum_record(a, b, "sft") for a, b in taught + sft_hard]
-    rl_set = [sum_record(a, b, "rl") for a, b in rl_easy + rl_hard]
-    rng.shuffle(rl_set)
-    eval_set = [sum_record(a, b, "eval") for a, b in eval_easy + eval_hard]
-    return sft_set, rl_set, eval_set
-
-
-def sft_examples(records: list[Record], seed: int, repeats: int) -> list[dict]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(repeats):
-        for r in records:
-            c = rng.choices(CONFIDENCES, CONFIDENCE_WEIGHTS)[0]
-            out.append({"prompt": r.messages(), "response": f"\\boxed{{{r.gold}}} \\confidence{{{c}}}"})
-    rng.shuffle(out)
-    return out
-
 
 def evaluate(model_path: str, records: list[Record], samples: int = 4, temperature: float = 0.6) -> dict:
     engine = load_engine(model_path)
@@ -162,7 +129,8 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(__doc__.split("Targets:")[0])
-    sft_set, rl_set, eval_set = build_splits(args.seed, args.rl_hard)
+    splits = build_splits(args.seed, args.rl_hard)
+    sft_set, rl_set, eval_set = splits.sft, splits.rl, splits.eval
     register_dataset("calibration-sums-rl", loader=lambda _path: rl_set, path=out, overwrite=True)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     if args.warm:
