@@ -1,0 +1,146 @@
+"""The math-verify worker processes of ``corea.grading``: a fresh interpreter per worker, fed over a socket.
+
+A worker receives (gold, answers), parses the gold once, and sends one verdict per answer; the parent enforces
+the deadlines and replaces a worker that misses one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+
+from corea.answer_checks import _closing_brace
+
+MEMORY_LIMIT_MB = 4096  #: address-space limit of a worker, MiB (None: unlimited)
+
+_WARMUP = [("\\frac{1}{2}", "0.5"), ("\\frac{8\\pi}{9}", "-\\frac{8\\pi}{9}"), ("x^2+2x+1", "(x+1)^2"),
+           ("5x - 7y + 4 = 0", "5x - 8y + 4 = 0"), ("(1, \\infty)", "[1, \\infty)"), ("\\{1, 2\\}", "2, 1"),
+           ("\\sec^2 x", "\\tan^2 x + 1"), ("\\sqrt{2}/2", "0.7071"), ("x \\in [0, 1]", "0 \\le x \\le 1"),
+           ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}"),
+           ("e^{i\\pi}", "-1"), ("f(x) = x + C", "x + C"), ("\\text{Yes}", "\\text{No}"), ("\\log_2 8", "3")]
+_PROBE_POINT = (0.7391, 1.2347, 0.5813, 1.618, 0.9127, 1.4142, 0.3433)
+
+
+def _mv_parse(math_verify, text: str) -> list:
+    """math-verify's parse of a bare answer, boxed so that its boxed-answer extraction applies."""
+    balanced = _closing_brace("{" + text + "}") == len(text) + 1
+    return math_verify.parse("\\boxed{" + text + "}" if balanced else "$" + text + "$", parsing_timeout=None)
+
+
+def _install_numeric_probe(grader_module) -> None:
+    """Let math-verify skip ``simplify(a - b)`` when a and b clearly differ at one real point.
+
+    Its symbols are real and ``simplify(a - b)`` is zero only for an identity, so a difference
+    |a - b| > 1e-9 (1 + |a| + |b|) where both are finite means "not equal" either way; an inconclusive probe
+    (undefined values, unevaluated sums or integrals, matrices, sets) leaves the decision to ``simplify``.
+    """
+    import cmath
+
+    import sympy
+
+    simplify_eq = grader_module.sympy_symbolic_eq
+    heavy = (sympy.Sum, sympy.Product, sympy.Integral, sympy.Limit, sympy.Derivative)
+
+    def differ(a, b) -> bool:
+        try:
+            if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)) or a.has(*heavy) or b.has(*heavy):
+                return False
+            symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+            point = {x: sympy.Float(_PROBE_POINT[i % 7] + i // 7, 30) for i, x in enumerate(symbols)}
+            va, vb = complex(a.subs(point).evalf(30)), complex(b.subs(point).evalf(30))
+        except Exception:
+            return False
+        return cmath.isfinite(va) and cmath.isfinite(vb) and abs(va - vb) > 1e-9 * (1 + abs(va) + abs(vb))
+
+    grader_module.sympy_symbolic_eq = lambda a, b: False if differ(a, b) else simplify_eq(a, b)
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
+    """Worker loop: receive (gold, answers); send ("gold",), then ("answer", verdict) per answer."""
+    import logging
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+    if memory_limit_mb:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        soft = memory_limit_mb * 2**20 if hard == resource.RLIM_INFINITY else min(memory_limit_mb * 2**20, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    import math_verify
+    import math_verify.grader
+
+    if hasattr(math_verify.grader, "sympy_symbolic_eq"):
+        _install_numeric_probe(math_verify.grader)
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for gold, answer in _WARMUP:  # first calls into sympy are slow: pay for them before taking work
+        math_verify.verify(_mv_parse(math_verify, gold), _mv_parse(math_verify, answer), timeout_seconds=None)
+    conn.send(("ready",))
+    golds: OrderedDict[str, list] = OrderedDict()
+    while (message := conn.recv()) is not None:
+        gold, answers = message
+        if (parsed := golds.pop(gold, None)) is None:
+            try:
+                parsed = _mv_parse(math_verify, gold)
+            except Exception:
+                parsed = []
+        golds[gold] = parsed
+        if len(golds) > 1024:
+            golds.popitem(last=False)
+        conn.send(("gold",))
+        for answer in answers:
+            try:
+                verdict = bool(parsed) and bool(math_verify.verify(parsed, _mv_parse(math_verify, answer),
+                                                                   timeout_seconds=None))
+            except Exception:
+                verdict = False
+            conn.send(("answer", verdict))
+
+
+def _worker_entry() -> None:
+    """Entry point of a worker process: ``python -c _WORKER_CODE FD MEMORY_LIMIT_MB SYS_PATH_JSON``."""
+    try:
+        _worker_main(Connection(int(sys.argv[1])), int(sys.argv[2]) or None)
+    except (EOFError, OSError):  # the parent went away
+        pass
+
+
+# A fresh interpreter (fork + exec: safe from a threaded parent and, unlike multiprocessing's spawn, it never
+# re-runs the parent's __main__); the parent's sys.path comes along so that an uninstalled checkout works.
+_WORKER_CODE = "import sys, json; sys.path[:] = json.loads(sys.argv[3]); import corea.grading_worker as w; w._worker_entry()"
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "ready")
+
+    def __init__(self, memory_limit_mb: int | None):
+        parent, child = socket.socketpair()
+        try:
+            args = [str(child.fileno()), str(memory_limit_mb or 0), json.dumps(sys.path)]
+            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, *args], pass_fds=[child.fileno()],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.conn, self.ready = Connection(parent.detach()), False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
