@@ -58,3 +58,20 @@ def test_truncate_metrics(tmp_path):
     f.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
     truncate_jsonl(f, 2)
     assert f.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_nccl_rank_plan():
+    from corea.train.pools import nccl_ranks
+
+    assert nccl_ranks(3, 4) == ([1, 5, 9], 13)
+    assert nccl_ranks(1, 1) == ([1], 2)
+
+
+def test_weight_sync_strategy_follows_the_config():
+    from corea.train.pools import ClusterActors
+
+    actors = ClusterActors.__new__(ClusterActors)  # the strategy is a pure function of the config
+    actors.cfg = load_config("configs/paper-qwen2.5-7b-rlcc-l1.yaml")
+    assert actors.uses_nccl()
+    actors.cfg = load_config("configs/tiny-cpu-rlcc.yaml")
+    assert not actors.uses_nccl()

@@ -277,6 +277,24 @@ class VLLMEngine:
             await self.llm.collective_rpc("corea_load_weights", args=(chunk,))
         await self.llm.reset_prefix_cache()
 
+    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join the trainer's NCCL group (trainer = rank 0; this engine's workers = ranks rank_offset ...)."""
+        self._rpc("init_weight_update_group", (master_address, master_port, rank_offset, world_size))
+
+    def receive_weights(self, specs: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+        """Receive the tensors the trainer broadcasts, in ``specs`` order (name, torch dtype name, shape)."""
+        with self.lock:
+            for name, dtype_name, shape in specs:
+                self._rpc("update_weight_from_group", (name, dtype_name, list(shape)))
+            self._rpc("reset_prefix_cache", None)
+
+    def _rpc(self, method: str, args: tuple | None):
+        if method == "reset_prefix_cache":
+            call = self.llm.reset_prefix_cache()
+        else:
+            call = self.llm.collective_rpc(method, args=args)
+        return self._call(call) if self.async_engine else call
+
     def weight_checksums(self) -> list[float]:
         """Per-worker parameter sums (see ``WeightSyncExtension.corea_weight_checksum``)."""
         if self.async_engine:

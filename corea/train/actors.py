@@ -54,6 +54,14 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
+    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_group(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights(self, specs: list, version: int) -> int:
+        self.engine.receive_weights(specs)
+        self.weights_version = version
+        return version
+
     def version(self) -> int:
         return self.weights_version
 

@@ -51,6 +51,13 @@ def _call_with_retry(call: Callable[[], Any], recover: Callable[[], None], what:
             recover()
 
 
+def nccl_ranks(rollout_workers: int, tensor_parallel_size: int) -> tuple[list[int], int]:
+    """Rank offsets of each rollout engine's workers and the group size: trainer rank 0, then each engine's
+    ``tensor_parallel_size`` workers in turn."""
+    offsets = [1 + i * tensor_parallel_size for i in range(rollout_workers)]
+    return offsets, 1 + rollout_workers * tensor_parallel_size
+
+
 def _until_alive(call: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
     """``ray.get(call())``, repeated while the actor is restarting (it comes back with ``max_restarts``)."""
     deadline = time.monotonic() + timeout_s
@@ -117,6 +124,7 @@ class ClusterActors:
             .remote(reference_path, cfg.optim.micro_batch_size)
         )
         self._weights: tuple[Any, int] | None = None  # (object ref of the latest state dict, version)
+        self._specs: list | None = None  # tensors of the NCCL broadcast, once its group is set up
         # wait for every constructor (model loading, DeepSpeed start-up) so step times measure steps
         actors = [*self.rollout, *self.reward, *self.policy, self.reference]
         ready, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors),
@@ -163,9 +171,30 @@ class ClusterActors:
             out.extend(result)
         return out
 
+    def uses_nccl(self) -> bool:
+        """vLLM rollout workers and GPU trainers: weights are broadcast over NCCL, else sent by object store."""
+        return self.cfg.engine.backend == "vllm" and self.cfg.resources.trainer_gpus > 0
+
+    def _init_nccl(self) -> None:
+        tp = int(self.cfg.engine.options.get("tensor_parallel_size", 1))
+        offsets, world = nccl_ranks(len(self.rollout), tp)
+        trainer_bundle = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=len(self.rollout))
+        addr, port = rendezvous_address(trainer_bundle)
+        ray.get([self.policy[0].init_weight_group.remote(addr, port, world)]
+                + [w.init_weight_group.remote(addr, port, off, world) for w, off in zip(self.rollout, offsets)])
+        self._specs = ray.get(self.policy[0].weight_specs.remote())
+
     def sync_weights(self, version: int) -> int:
-        """Policy rank 0's weights -> every rollout worker, through the object store."""
+        """Policy rank 0's weights -> every rollout worker: NCCL broadcast on GPU (``uses_nccl``), else the
+        object store. The object-store copy is kept either way: a restarted worker is resynced from it."""
         state_ref = self.policy[0].state_dict.remote()
+        if self.uses_nccl():
+            if self._specs is None:
+                self._init_nccl()
+            received = [w.receive_weights.remote(self._specs, version) for w in self.rollout]
+            ray.get([self.policy[0].broadcast_weights.remote(), *received])
+            self._weights = (state_ref, version)
+            return version
         self._weights = (state_ref, version)
         versions = [_until_alive(lambda w=w: w.update_weights.remote(state_ref, version), "rollout worker")
                     for w in self.rollout]
