@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors (a typo never passes silently)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ConfigError(ValueError):

@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
+from corea.configfile import ConfigError, StrictModel, load_config_file  # noqa: F401 (ConfigError re-exported)
 from corea.cost import MAX_THRESHOLD, QWEN_32B_OVER_7B
 from corea.train.sft import SFTConfig
 
@@ -26,11 +26,7 @@ ROLES = ("slm_verb", "rlvr", "brier", "corea", "llm")
 DEFAULT_DATASETS = ("deepmath500", "math500", "gsm8k", "olympiadbench", "gpqa", "commonsenseqa")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One checkpoint and how to run it (a bare string in YAML is the path)."""
 
     path: str
@@ -45,7 +41,7 @@ class ModelSpec(_Strict):
         return {"path": value} if isinstance(value, str) else value
 
 
-class ModelsConfig(_Strict):
+class ModelsConfig(StrictModel):
     slm_verb: ModelSpec | None = None
     rlvr: ModelSpec | None = None
     brier: ModelSpec | None = None
@@ -56,7 +52,7 @@ class ModelsConfig(_Strict):
         return {role: spec for role in ROLES if (spec := getattr(self, role)) is not None}
 
 
-class DatasetItem(_Strict):
+class DatasetItem(StrictModel):
     """A registered dataset (``corea.data.DATASETS``), read from ``path`` or its shipped fixture."""
 
     name: str
@@ -79,14 +75,14 @@ class DatasetItem(_Strict):
         return name
 
 
-class GenerationConfig(_Strict):
+class GenerationConfig(StrictModel):
     runs: int = Field(10, ge=1, description="k independent samples per question")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(4096, ge=1)
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """Ray Data batch inference: ``concurrency`` engine replicas, ``batch_size`` questions per call."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
@@ -99,7 +95,7 @@ class EngineConfig(_Strict):
     grade_cpus: float = Field(0.5, gt=0)
 
 
-class CascadeConfig(_Strict):
+class CascadeConfig(StrictModel):
     size_ratio: float = Field(QWEN_32B_OVER_7B, gt=0, description="N_LLM / N_SLM")
     threshold: Union[float, Literal["llm_pass_at_1"]] = "llm_pass_at_1"
     sweep_step: float = Field(0.05, gt=0, le=MAX_THRESHOLD)
@@ -112,7 +108,7 @@ class CascadeConfig(_Strict):
         return value
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(StrictModel):
     """Choose tau on a calibration split of the questions, report it on the held-out rest."""
 
     enabled: bool = True
@@ -129,13 +125,13 @@ class SelectionConfig(_Strict):
         return values
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(StrictModel):
     n_boot: int = Field(1000, ge=10)
     level: float = Field(0.95, gt=0, lt=1)
     n_bins: int = Field(10, ge=1)
 
 
-class TrainQuestions(_Strict):
+class TrainQuestions(StrictModel):
     """The questions the Probe and the Router learn from (the DeepMath training split by default)."""
 
     dataset: str = "deepmath"
@@ -146,7 +142,7 @@ class TrainQuestions(_Strict):
     temperature: float = Field(0.6, ge=0)
 
 
-class ProbeConfig(_Strict):
+class ProbeConfig(StrictModel):
     """RLVR-SLM-Probe: MLP on mean-pooled last-layer hidden states; ``path`` reuses a trained probe."""
 
     path: str | None = None
@@ -163,7 +159,7 @@ class ProbeConfig(_Strict):
     use_gpu: bool = False
 
 
-class RouterConfig(_Strict):
+class RouterConfig(StrictModel):
     """Router + RLVR-SLM: ``base_model`` (default models.slm_verb) fine-tuned to predict P(SLM correct)."""
 
     path: str | None = None  # an already trained router checkpoint
@@ -172,13 +168,13 @@ class RouterConfig(_Strict):
     max_tokens: int = Field(16, ge=1)
 
 
-class BaselinesConfig(_Strict):
+class BaselinesConfig(StrictModel):
     train_questions: TrainQuestions = Field(default_factory=TrainQuestions)
     probe: ProbeConfig | None = None
     router: RouterConfig | None = None
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     name: str = "eval"
     seed: int = 0  # sampling seeds, bootstrap resamples, calibration split
     split_seed: int = Field(0, description="seed of the DeepMath train/eval split: the training config's seed")

@@ -12,17 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
+from corea.configfile import ConfigError, StrictModel, load_config_file  # noqa: F401 (ConfigError re-exported)
 from corea.cost import MAX_THRESHOLD, QWEN_32B_OVER_7B
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(StrictModel):
     """Ray Serve ``autoscaling_config`` of one deployment."""
 
     min_replicas: int = Field(1, ge=0)
@@ -41,7 +37,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictModel):
     """Ray resources of each replica (``ray_actor_options``)."""
 
     num_cpus: float = Field(1.0, ge=0)
@@ -61,7 +57,7 @@ class ResourcesConfig(_Strict):
         return options
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(StrictModel):
     """Replicas, concurrency and resources of one Serve deployment.
 
     ``autoscaling`` (the default) and a fixed ``num_replicas`` are exclusive: set ``autoscaling: null`` to use
@@ -108,7 +104,7 @@ class IngressConfig(DeploymentConfig):
     resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5))
 
 
-class BatchingConfig(_Strict):
+class BatchingConfig(StrictModel):
     """Micro-batching of concurrent requests into one engine call (transformers backend)."""
 
     max_batch_size: int = Field(8, ge=1, description="1 disables batching")
@@ -148,7 +144,7 @@ class TierConfig(DeploymentConfig):
         return options
 
 
-class CascadeConfig(_Strict):
+class CascadeConfig(StrictModel):
     """The routing rule: the SLM answers when its confidence c >= threshold, else the LLM does."""
 
     threshold: float = Field(0.5, ge=0, le=MAX_THRESHOLD, description="default tau; a request may override it")
@@ -166,7 +162,7 @@ class CascadeConfig(_Strict):
         return self
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     """Request limits and timeouts."""
 
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get 413
@@ -184,7 +180,7 @@ class LimitsConfig(_Strict):
         return self
 
 
-class AuthConfig(_Strict):
+class AuthConfig(StrictModel):
     """Bearer API keys: SHA-256 digests listed here and/or keys read from an environment variable
     (comma-separated) when the application is built. Neither set: no authentication."""
 
@@ -199,14 +195,14 @@ class AuthConfig(_Strict):
         return self
 
 
-class HttpConfig(_Strict):
+class HttpConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
     request_timeout_s: float | None = Field(None, gt=0)  # Serve proxy's end-to-end limit
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """How ``corea serve`` reaches Ray: ``address`` (or ``RAY_ADDRESS``), else a new local cluster."""
 
     address: str | None = None
@@ -215,18 +211,18 @@ class RayConfig(_Strict):
     include_dashboard: bool = False
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(StrictModel):
     ray_export: bool = False  # also record Ray metrics (cluster-wide, via Ray's Prometheus export)
 
 
-class DirectSLMConfig(_Strict):
+class DirectSLMConfig(StrictModel):
     """A second application serving the SLM alone (same schema, no cascade): the baseline of bench/serve.py."""
 
     app_name: str = "corea-slm-direct"
     route_prefix: str = Field("/slm", pattern=r"^/")
 
 
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     name: str = Field("corea", min_length=1)  # Serve application name
     work_dir: str = "runs/serve"  # tiny checkpoints are built under work_dir/models
     ray: RayConfig = Field(default_factory=RayConfig)

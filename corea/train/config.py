@@ -9,36 +9,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from corea.configfile import ConfigError, load_config_file  # noqa: F401 (ConfigError re-exported)
+from corea.configfile import ConfigError, StrictModel, load_config_file  # noqa: F401 (ConfigError re-exported)
 
 from corea.rewards import CONFIDENCE_REWARDS, RewardWeights
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     policy: str = "tiny:slm"
     reference: str | None = None  # defaults to the policy's initial weights
     seed: int = 0  # for tiny checkpoints
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     backend: Literal["transformers", "vllm"] = "transformers"
     options: dict = Field(default_factory=dict)  # passed to load_engine (dtype, tensor_parallel_size, ...)
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     dataset: str = "synthetic_sums"  # a registered dataset name
     path: str | None = None  # None: the shipped fixture
     split: str | None = "train"
     limit: int | None = Field(None, ge=1)
 
 
-class RewardConfig(_Strict):
+class RewardConfig(StrictModel):
     confidence_reward: str = "l1"
     weights: RewardWeights = Field(default_factory=RewardWeights)
 
@@ -49,7 +45,7 @@ class RewardConfig(_Strict):
         return self
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(StrictModel):
     n: int = Field(8, ge=2, description="responses per prompt (the group size G)")
     prompts_per_step: int = Field(8, ge=1, description="rollout batch, in prompts")
     temperature: float = Field(1.0, ge=0)
@@ -57,7 +53,7 @@ class RolloutConfig(_Strict):
     max_tokens: int = Field(64, ge=1)
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     steps: int = Field(2, ge=1)
     train_batch_prompts: int = Field(8, ge=1, description="prompts per optimizer step")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward")
@@ -73,7 +69,7 @@ class OptimConfig(_Strict):
     gradient_checkpointing: bool = False
 
 
-class ResourcesConfig(_Strict):
+class ResourcesConfig(StrictModel):
     rollout_workers: int = Field(1, ge=1)
     rollout_cpus: float = Field(1, ge=0)
     rollout_gpus: float = Field(0, ge=0)
@@ -87,14 +83,14 @@ class ResourcesConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     dir: str = "runs/tiny-rlcc"
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     name: str = "rlcc"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
