@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from corea.models import load_model_and_tokenizer
 from corea.train.config import OptimConfig
 from corea.train.grpo import grpo_loss
 from corea.train.sequences import RolloutSequence, pack, repack, score, unpack
@@ -23,12 +24,6 @@ log = logging.getLogger(__name__)
 
 def _use_cuda() -> bool:
     return torch.cuda.is_available()
-
-
-def _load_causal_lm(path: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
 
 
 def _micro_batches(items: Sequence, size: int):
@@ -52,8 +47,8 @@ class ReferenceModel:
 
     def __init__(self, model_path: str, micro_batch_size: int = 8):
         self.device = "cuda" if _use_cuda() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = _load_causal_lm(model_path, dtype).to(self.device).eval()
+        dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.model, _ = load_model_and_tokenizer(model_path, dtype, self.device)
         self.pad_id = self.model.config.pad_token_id or 0
         self.micro_batch_size = micro_batch_size
 
@@ -96,7 +91,7 @@ class Policy:
         if sequences_per_update % optim.micro_batch_size:
             raise ValueError(f"{sequences_per_update} sequences per update is not a multiple of micro_batch_size")
         self.sequences_per_update = sequences_per_update  # on this rank
-        model = _load_causal_lm(model_path, torch.float32)
+        model, _ = load_model_and_tokenizer(model_path, "float32", "cpu")  # DeepSpeed places it
         if optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.pad_id = model.config.pad_token_id or 0

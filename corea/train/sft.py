@@ -49,15 +49,13 @@ def _train_loop(config: dict) -> None:
     import deepspeed
     import torch
     from ray import train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from corea.models import load_model_and_tokenizer
     from corea.train.sequences import RolloutSequence, pack
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     cfg = SFTConfig(**config["sft"])
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], torch_dtype=torch.float32)
+    model, tokenizer = load_model_and_tokenizer(config["model_path"], "float32", "cpu")  # DeepSpeed places it
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     engine, _, _, _ = deepspeed.initialize(
@@ -67,6 +65,7 @@ def _train_loop(config: dict) -> None:
                 "gradient_clipping": 1.0, "steps_per_print": 10**9},
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine.train()  # the loader returns the model in eval mode
     shard = train.get_dataset_shard("train")
     for epoch in range(cfg.epochs):
         losses = []
