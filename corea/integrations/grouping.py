@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-CHAT_TAIL_CHARS = 64  #: how much of the prompt's end locates the response when the query does not start with it
+CHAT_TAIL_CHARS = (64, 32)  #: lengths of the prompt's end tried to locate the response in a query not starting with it
 
 
 class BookFull(RuntimeError):
@@ -35,14 +35,16 @@ def split_response(query: str, prompt: str) -> str:
     """The response inside OpenRLHF's query (``decode(prompt tokens + response tokens)``).
 
     The query normally starts with the prompt; if decoding changed the prompt (or OpenRLHF cut its start to fit
-    ``max_len``), the response starts after the first occurrence of the prompt's last ``CHAT_TAIL_CHARS``
+    ``max_len``), the response starts after the first occurrence of the prompt's last 64 (or else 32)
     characters (the end of a chat template); failing that the whole query is the response.
     """
     if query.startswith(prompt):
         return query[len(prompt):]
-    tail = prompt[-CHAT_TAIL_CHARS:]
-    at = query.find(tail) if tail else -1
-    return query[at + len(tail):] if at >= 0 else query
+    for size in CHAT_TAIL_CHARS:
+        tail = prompt[-size:]
+        if len(tail) == size and (at := query.find(tail)) >= 0:
+            return query[at + size:]
+    return query
 
 
 def request_digest(prompt: str, label: str, query: str) -> bytes:
