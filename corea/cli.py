@@ -52,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     from corea.evaluate.cli import add_eval_parser
+    from corea.integrations.reward_server_cli import add_reward_server_parser
     from corea.serve.cli import add_serve_parser
 
     add_eval_parser(sub)
     add_serve_parser(sub)
+    add_reward_server_parser(sub)
     return parser
 
 

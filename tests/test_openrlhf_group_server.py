@@ -206,3 +206,96 @@ def test_bad_requests_get_4xx_with_a_message():
                 "p", "1", ["\\boxed{1} \\confidence{1}", "\\boxed{2}"])])
     finally:
         server.stop()
+
+
+def test_cli_defaults_config_file_and_a_real_process(tmp_path):
+    from corea.cli import build_parser
+    from corea.integrations.reward_server_config import load_reward_server_config
+
+    args = build_parser().parse_args(["reward-server", "--port", "5000", "--n-samples-per-prompt", "8"])
+    assert args.command == "reward-server" and args.port == 5000 and args.n_samples_per_prompt == 8
+    defaults = load_reward_server_config()
+    assert (defaults.confidence_reward, defaults.grading, defaults.n_samples_per_prompt) == ("l1", "math", 8)
+    assert defaults.group_wait_s < 180 and defaults.route == "/get_reward"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("confidence_reward: l3\ngroup_wait_s: 200\n")
+    done = subprocess.run([sys.executable, "-m", "corea.cli", "reward-server", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "confidence_reward" in done.stderr and "group_wait_s" in done.stderr
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    good = tmp_path / "brier.yaml"
+    good.write_text("confidence_reward: brier\ngrading: auto\n")
+    proc = subprocess.Popen([sys.executable, "-m", "corea.cli", "reward-server", "--config", str(good),
+                             "--host", "127.0.0.1", "--port", str(port), "--n-samples-per-prompt", "2"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=2).json()["n_samples_per_prompt"] == 2:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < end, "the server did not come up"
+            time.sleep(0.3)
+        responses = ["\\boxed{B} \\confidence{0.7}", "The answer is C. \\confidence{0.4}"]
+
+        async def both():
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client.post(base + "/get_reward", json={
+                    "query": ["Q2: " + r], "prompts": ["Q2: "], "labels": ["B"]}) for r in responses))
+
+        # two samples of one prompt on two connections: the first is held until the second arrives
+        answers = [r.json() for r in asyncio.run(both())]
+        expected = group_rewards(responses, "B", "choice", "brier", prompt="Q2: ")
+        for answer, breakdown in zip(answers, expected):
+            _check(answer, breakdown)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_ray_serve_deployment_answers_openrlhf(openrlhf_executor):
+    """The same app as a one-replica Serve deployment on a local cluster, called by OpenRLHF's client."""
+    import socket
+
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from corea.integrations.group_reward_serve import build_reward_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_reward_app({"n_samples_per_prompt": N, "group_wait_s": 30}), name="corea-reward",
+                  route_prefix="/")
+        executor = openrlhf_executor(f"http://127.0.0.1:{port}/get_reward")
+        jobs = [(i, _prompt(i), str(2 * i), _response(i, j)) for i in (1, 4, 7) for j in range(N)]
+
+        async def run():
+            return await asyncio.gather(*(executor._fetch_rewards_via_http([p + r], [p], [gold])
+                                          for _, p, gold, r in jobs))
+
+        start = time.monotonic()
+        answers = [out[0] for out in asyncio.run(run())]
+        assert time.monotonic() - start < 30  # whole groups: none waited for the timeout
+        for i in (1, 4, 7):
+            ks = [k for k, job in enumerate(jobs) if job[0] == i]
+            for k, breakdown in zip(ks, _expected(_prompt(i), str(2 * i), [jobs[k][3] for k in ks])):
+                _check(answers[k], breakdown)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["open_groups"] == 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
