@@ -7,6 +7,7 @@ and aiohttp come from the project's environment. ``COREA_OPENRLHF_TARGET`` names
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +34,8 @@ def openrlhf_executor():
                                OPENRLHF, "pylatexenc==2.11"], capture_output=True, text=True)
         if done.returncode != 0:
             pytest.fail(f"could not install {OPENRLHF} into {TARGET}:\n{done.stderr[-2000:]}")
-    sys.path.append(str(TARGET))
+        shutil.rmtree(TARGET / "tests", ignore_errors=True)  # the wheel ships a top-level ``tests`` package
+    sys.path.insert(0, str(TARGET))  # the folder holds openrlhf and pylatexenc only
     try:
         from openrlhf.utils.agent import SingleTurnAgentExecutor
 
@@ -189,6 +191,7 @@ def test_bad_requests_get_4xx_with_a_message():
                 (b"{not json", 400, "not JSON"),
                 (b'{"query": ["q"], "prompts": ["p"]}', 422, "labels"),
                 (b'{"query": ["q"], "prompts": ["p"], "labels": [null]}', 422, "label_key"),
+                (b'{"query": ["q"], "prompts": ["p"], "labels": [""]}', 422, "label_key"),
                 (b'{"query": [], "prompts": [], "labels": []}', 422, "empty"),
                 (b'{"query": ["a", "b"], "prompts": ["p"], "labels": ["1"]}', 422, "2 queries"),
                 (b'{"query": [1], "prompts": ["p"], "labels": ["1"]}', 422, "query"),

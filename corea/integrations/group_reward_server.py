@@ -68,8 +68,8 @@ class RewardRequest(BaseModel):
     @field_validator("labels", mode="before")
     @classmethod
     def _no_null(cls, labels: Any) -> Any:
-        if isinstance(labels, list) and any(label is None for label in labels):
-            raise ValueError("a label is null: start OpenRLHF with --data.label_key naming the gold answer")
+        if isinstance(labels, list) and any(label is None or label == "" for label in labels):
+            raise ValueError("a label is null or empty: start OpenRLHF with --data.label_key naming the gold answer")
         return labels
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
-"""A reward function file for OpenRLHF (``--remote_rm_url /path/to/openrlhf_reward.py --label_key answer``).
+"""A reward function file for OpenRLHF 0.11.2 (``--reward.remote_url /path/to/openrlhf_reward.py
+--data.label_key answer``; releases before 0.11 spell them ``--remote_rm_url`` and ``--label_key``).
 
 OpenRLHF calls ``reward_func(queries, prompts, labels)`` with one rollout per element, where a query is the
 prompt followed by the response. It scores rollouts one at a time, so it cannot see a whole group of
 responses to the same prompt, and the group-level rewards (``l1``, ``l2``, ``kl``, which compare a confidence
-with the group accuracy p) need this project's RewardActor. The sample-level rewards compare the confidence
-with the response's own correctness y and work here:
+with the group accuracy p) need the group reward server (``corea reward-server``,
+``corea.integrations.group_reward_server``) or this project's RewardActor. The sample-level rewards compare the
+confidence with the response's own correctness y and work here:
 
     COREA_CONFIDENCE_REWARD = brier (default) | sample_l1 | sample_kl
 
@@ -30,7 +32,7 @@ def _reward_kind() -> str:
     if kind not in SAMPLE_LEVEL:
         raise ValueError(
             f"COREA_CONFIDENCE_REWARD={kind!r}: OpenRLHF scores one rollout at a time, so only the sample-level "
-            f"rewards {SAMPLE_LEVEL} apply; group-level rewards need corea's RewardActor"
+            f"rewards {SAMPLE_LEVEL} apply; group-level rewards need `corea reward-server` or corea's RewardActor"
         )
     return kind
 
