@@ -173,7 +173,7 @@ class GroupRewardService:
             self.metrics.stragglers.inc()
             fut = loop.create_future()
             s = adm.straggler
-            log.info("late member of a timed-out group (prompt %r...) scored with its %d earlier members",
+            log.debug("late member of a timed-out group (prompt ...%r) scored with its %d earlier members",
                      s.group.prompt[-60:], len(s.group.queries))
             self._jobs.put_nowait(_Job(s.group, s.group.queries + [s.query], [None] * len(s.group.queries) + [fut]))
             s.group.queries.append(s.query)  # the next straggler counts this one too
@@ -191,10 +191,12 @@ class GroupRewardService:
 
     # ------------------------------------------------------------------------------------------ background
     def _start(self) -> None:
-        if self._tasks and all(not t.done() for t in self._tasks):
-            return
-        self._jobs, self._wake = asyncio.Queue(), asyncio.Event()
-        self._tasks = [asyncio.create_task(self._close_due_groups()), asyncio.create_task(self._grade_jobs())]
+        if self._jobs is None:
+            self._jobs, self._wake = asyncio.Queue(), asyncio.Event()
+        if not self._tasks or any(t.done() for t in self._tasks):  # the loops never end; restarted if killed
+            for task in self._tasks:
+                task.cancel()
+            self._tasks = [asyncio.create_task(self._close_due_groups()), asyncio.create_task(self._grade_jobs())]
 
     async def _close_due_groups(self) -> None:
         while True:
@@ -205,10 +207,13 @@ class GroupRewardService:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-            for group in self.book.due(time.monotonic()):
-                log.warning("group timed out after %.1f s with %d of %d members (prompt ...%r); scored with those",
-                            self.cfg.group_wait_s, len(group.queries), self.cfg.n_samples_per_prompt,
-                            group.prompt[-60:])
+            due = self.book.due(time.monotonic())
+            if due:
+                sizes = sorted(len(g.queries) for g in due)
+                log.warning("%d group(s) timed out after %.1f s with %d-%d of %d members (e.g. prompt ...%r); "
+                            "scored with the members that arrived", len(due), self.cfg.group_wait_s, sizes[0],
+                            sizes[-1], self.cfg.n_samples_per_prompt, due[0].prompt[-60:])
+            for group in due:
                 self._submit(group)
             self._gauges()
 
@@ -217,11 +222,8 @@ class GroupRewardService:
             jobs = [await self._jobs.get()]
             while len(jobs) < self.cfg.max_groups_per_grading and not self._jobs.empty():
                 jobs.append(self._jobs.get_nowait())
-            groups = [([split_response(q, j.group.prompt) for q in j.queries], j.group.label,
-                       self.kind_of(j.group.label)) for j in jobs]
             try:
-                scored = await asyncio.to_thread(batch_group_rewards, groups, self.cfg.confidence_reward,
-                                                 self.cfg.weights, [j.group.prompt for j in jobs])
+                scored = await asyncio.to_thread(self._grade, jobs)
             except Exception as exc:  # nothing is cached: the client's retry is graded afresh
                 log.exception("grading %d groups failed", len(jobs))
                 for job in jobs:
@@ -230,6 +232,12 @@ class GroupRewardService:
             for job, rewards in zip(jobs, scored):
                 self._finish(job, rewards, None)
             self._gauges()
+
+    def _grade(self, jobs: list[_Job]) -> list[list[RewardBreakdown]]:
+        """Runs in a thread: split the responses out of the queries, grade in the worker pool, combine."""
+        groups = [([split_response(q, j.group.prompt) for q in j.queries], j.group.label, self.kind_of(j.group.label))
+                  for j in jobs]
+        return batch_group_rewards(groups, self.cfg.confidence_reward, self.cfg.weights, [j.group.prompt for j in jobs])
 
     def _finish(self, job: _Job, rewards: list[RewardBreakdown] | None, exc: BaseException | None) -> None:
         pending = [(q, f, None if rewards is None else rewards[i])
