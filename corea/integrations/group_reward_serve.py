@@ -7,7 +7,8 @@
 
 One replica, always: a group's n requests must meet in one process, and Serve's router would spread them over
 several replicas. ``max_ongoing_requests`` is raised far above Serve's default (5) because every request is
-held until its group is complete: a rollout batch of B prompts x n samples keeps B x n requests open at once.
+held until its group is complete: a rollout batch of B prompts x n samples keeps B x n requests open at once
+(their sockets are held by Serve's HTTP proxy, under the node's open-file limit).
 """
 
 from __future__ import annotations

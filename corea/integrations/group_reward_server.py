@@ -335,11 +335,33 @@ class ServerThread:
         self.thread.join(10)
 
 
+def raise_open_files_limit(cfg: RewardServerConfig) -> int:
+    """Raise this process's soft limit on open files to the hard limit: every held request is an open socket,
+    and a rollout batch holds B x n of them (8192 for 1024 prompts x 8). Returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    needed = cfg.max_open_groups * cfg.n_samples_per_prompt
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open-file limit %d is below max_open_groups x n = %d held requests; raise `ulimit -n` or "
+                    "lower max_open_groups", soft, needed)
+    return soft
+
+
 def run_forever(cfg: RewardServerConfig) -> None:
     """Serve in the foreground until Ctrl-C."""
     import uvicorn
 
+    raise_open_files_limit(cfg)
     log.info("reward server on http://%s:%d%s: groups of %d, %s confidence reward, %s grading, %.0f s wait",
              cfg.host, cfg.port, cfg.route, cfg.n_samples_per_prompt, cfg.confidence_reward, cfg.grading,
              cfg.group_wait_s)
-    uvicorn.run(create_app(GroupRewardService(cfg)), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(create_app(GroupRewardService(cfg)), host=cfg.host, port=cfg.port, log_level="warning",
+                backlog=4096)
