@@ -79,6 +79,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     Per step: take the graded batch (``RolloutPipeline``: generated now, or up to ``rollout.max_staleness``
     steps ahead), reference log-probs, GRPO update, weights to the rollout workers; log; checkpoint."""
+    entered = time.perf_counter()
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     records = training_records(cfg)
@@ -93,7 +94,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         (out / METRICS_FILE).unlink(missing_ok=True)
     if not ray.is_initialized():
         ray.init()
+    actors_began = time.perf_counter()
     actors = ClusterActors(cfg, str(resume_from / "hf") if resume_from else policy_path, reference_path, cfg.name)
+    startup = {"time/actors_start_s": time.perf_counter() - actors_began}
     if resume_from is not None:
         actors.load(str(resume_from))
         actors.sync_weights(version=start - 1)
@@ -106,6 +109,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         with logging_redirect_tqdm():
             for step in bar:
                 timer, began = _Timer(), time.perf_counter()
+                if step == start:  # once: train() entry to the first step (data, models, Ray actors started)
+                    startup["time/startup_s"] = began - entered
                 batch = pipeline.next(step)
                 rank_stats = []
                 if batch.sequences:  # empty only when every group was filtered out (no refill)
@@ -118,7 +123,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 timer.seconds.update(batch.stats)
                 timer.seconds["time/step_s"] = time.perf_counter() - began
                 row = {"step": step, **step_metrics(batch.rewards, batch.rollouts), **_mean(rank_stats), **timer.seconds,
-                       "weights_version": batch.weights_version, "staleness": step - 1 - batch.weights_version}
+                       "weights_version": batch.weights_version, "staleness": step - 1 - batch.weights_version,
+                       **(startup if step == start else {})}
                 _log(out / METRICS_FILE, writer, row)
                 bar.set_postfix_str(_postfix(row), refresh=False)
                 if step % cfg.output.log_every == 0 or step == cfg.optim.steps:
