@@ -110,3 +110,11 @@ def test_killed_actors_while_a_batch_is_in_flight(local_ray, tmp_path):
     for r in rows:
         assert 0.0 <= r["filter/filtered_fraction"] <= 1.0 and r["filter/trained_groups"] == 2
         assert r["filter/refill_rounds"] == (1.0 if r["groups/zero_std_fraction"] > 0 else 0.0)
+
+
+def test_reward_actor_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, corea.train.reward_actor; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
