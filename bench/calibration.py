@@ -70,7 +70,7 @@ def evaluate(model_path: str, records: list[Record], samples: int = 4, temperatu
 
 
 #: GRPO settings shared by both runs (only the confidence reward differs); overridable from the command line.
-RL_DEFAULTS = {"n": 8, "prompts": 16, "train_batch": 16, "lr": 3e-4, "kl": 0.001, "temperature": 1.0}
+RL_DEFAULTS = {"n": 8, "prompts": 16, "train_batch": 16, "lr": 3e-4, "kl": 0.001, "temperature": 1.0, "max_staleness": 0}
 
 
 def rl_config(name: str, reward: str, policy: str, out: Path, steps: int, seed: int, hp: dict) -> TrainConfig:
@@ -80,7 +80,7 @@ def rl_config(name: str, reward: str, policy: str, out: Path, steps: int, seed: 
         "data": {"dataset": "calibration-sums-rl", "split": None},
         "reward": {"confidence_reward": reward},
         "rollout": {"n": hp["n"], "prompts_per_step": hp["prompts"], "temperature": hp["temperature"],
-                    "max_tokens": 16},
+                    "max_tokens": 16, "max_staleness": hp["max_staleness"]},
         "optim": {"steps": steps, "train_batch_prompts": hp["train_batch"], "micro_batch_size": hp["n"] * hp["train_batch"],
                   "lr": hp["lr"], "kl_coef": hp["kl"], "entropy_coef": 0.0, "zero_stage": 1},
         "resources": {"rollout_cpus": 0.5, "reward_cpus": 0.25, "trainer_cpus": 0.5, "reference_cpus": 0.25},

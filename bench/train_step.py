@@ -147,6 +147,9 @@ def run_corea(args, work: Path, model_path: Path) -> dict:
         "response_length": statistics.fmean(rows[i]["response_length"] for i in measured),
         "total_run_s": end - start,
         "ray_init_s": ray_init_s,
+        "startup_s": rows[0].get("time/startup_s"),  # train() entry to step 1: data, models, actors started
+        "actors_start_s": rows[0].get("time/actors_start_s"),
+        "first_step_s": walls[0] - (rows[0].get("time/startup_s") or 0.0),
     }
 
 
@@ -205,6 +208,7 @@ def run_trl(args, work: Path, model_path: Path, per_step, reward_cfg) -> dict:
         model_init_kwargs={"dtype": torch.float32},
     )
     reward_times: list[float] = []
+    setup_start = time.perf_counter()
     trainer = GRPOTrainer(
         model=str(model_path),
         reward_funcs=[corea_reward_func(args.n, reward_cfg.confidence_reward, reward_cfg.weights, reward_times)],
@@ -225,6 +229,7 @@ def run_trl(args, work: Path, model_path: Path, per_step, reward_cfg) -> dict:
             gen_times.append(time.perf_counter() - t0)
 
     trainer._generate = timed_generate
+    setup_s = time.perf_counter() - setup_start
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -279,7 +284,17 @@ def run_trl(args, work: Path, model_path: Path, per_step, reward_cfg) -> dict:
         if len(timer.logs) >= total_steps else None,
         "torch_threads": torch.get_num_threads(),
         "total_run_s": end - start,
+        "setup_s": setup_s,  # GRPOTrainer construction (model and reference loaded)
     }
+
+
+def _uptime() -> str:
+    import subprocess
+
+    try:
+        return "uptime: " + subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: %.2f %.2f %.2f" % os.getloadavg()
 
 
 def _report(name: str, r: dict, run: str) -> None:
@@ -343,6 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
         ours["load_avg_1min"] = [load, os.getloadavg()[0]]
         _report("corea (Ray actors, DeepSpeed CPU)", ours,
                 f"ray.init {ours['ray_init_s']:.1f} s + train() {ours['total_run_s']:.1f} s")
+        if ours["startup_s"] is not None:
+            print(f"  start-up: ray.init {ours['ray_init_s']:.1f} s, train() to step 1 {ours['startup_s']:.1f} s (actors "
+                  f"{ours['actors_start_s']:.1f} s), first step {ours['first_step_s']:.1f} s")
+        print(f"  {_uptime()}")
     if args.only in ("both", "trl"):
         import trl
 
@@ -350,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["trl"] = theirs = run_trl(args, work, model_path, per_step, cfg.reward)
         theirs["load_avg_1min"] = [load, os.getloadavg()[0]]
         _report(f"TRL {trl.__version__} GRPOTrainer (transformers generate, {theirs['torch_threads']} torch threads)",
-                theirs, f"trainer.train() {theirs['total_run_s']:.1f} s")
+                theirs, f"GRPOTrainer() {theirs['setup_s']:.1f} s + trainer.train() {theirs['total_run_s']:.1f} s")
+        print(f"  {_uptime()}")
         if theirs["end_to_end_step_s"]:
             print(f"  end to end (step end to step end, with logging) mean {theirs['end_to_end_step_s']['mean']:.3f}")
     if "corea" in result and "trl" in result:

@@ -29,11 +29,21 @@ def test_paper_settings():
         ({"engine.backend": "tgi"}, "engine.backend"),
         ({"optim.unknown_knob": 3}, "optim.unknown_knob"),
         ({"optim.train_batch_prompts": 3}, "train_batch_prompts"),
+        ({"optim.loss_agg": "sum"}, "optim.loss_agg"),
+        ({"advantage.filter_groups": "all"}, "advantage.filter_groups"),
+        ({"advantage.refill": True}, "filter_groups"),
+        ({"optim.importance_cap": 2.0}, "max_staleness"),
+        ({"rollout.max_staleness": -1}, "rollout.max_staleness"),
     ],
 )
 def test_invalid_config_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("configs/tiny-cpu-rlcc.yaml", override)
+
+
+def test_dr_grpo_normalizer_defaults_to_max_tokens():
+    cfg = load_config("configs/tiny-cpu-rlcc.yaml", {"optim.loss_agg": "seq_mean_token_sum_norm", "rollout.max_tokens": 40})
+    assert cfg.optim.loss_norm_tokens == 40 and cfg.advantage.std_normalize and cfg.rollout.max_staleness == 0
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import ray
 
 from corea.engines import SamplingParams, load_engine
-from corea.rewards import RewardWeights, batch_group_rewards
 from corea.train.policy import Policy, ReferenceModel
+from corea.train.reward_actor import RewardActor  # noqa: F401 (its own light module: see there)
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,6 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-class RewardActor:
-    """Scores whole groups (responses, gold, kind, prompt) with ``corea.rewards``."""
-
-    def __init__(self, confidence_reward: str = "l1", weights: dict | None = None):
-        self.confidence_reward = confidence_reward
-        self.weights = RewardWeights(**(weights or {}))
-
-    def score(self, groups: Sequence[tuple[Sequence[str], str, str, str | None]]) -> list[list[dict]]:
-        rewards = batch_group_rewards(
-            [(responses, gold, kind) for responses, gold, kind, _ in groups],
-            self.confidence_reward,
-            self.weights,
-            [prompt for *_, prompt in groups],
-        )
-        return [[r.as_dict() for r in group] for group in rewards]
 
 
 class ReferenceActor(ReferenceModel):

@@ -51,6 +51,19 @@ class RolloutConfig(StrictModel):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(64, ge=1)
+    max_staleness: int = Field(
+        0, ge=0,
+        description="0: each step rolls out with the weights it trains (synchronous); k >= 1: step j+1..j+k roll out "
+                    "while step j trains, and a batch is trained on at most k weight versions after the one it was "
+                    "sampled with (see corea.train.pipeline)")
+
+
+class AdvantageConfig(StrictModel):
+    std_normalize: bool = Field(True, description="divide by the group's reward std (GRPO); false: Dr. GRPO")
+    filter_groups: Literal["none", "zero_std"] = Field(
+        "none", description="zero_std: drop groups whose total rewards are all equal (DAPO's dynamic sampling)")
+    refill: bool = Field(False, description="with filter_groups: roll out further prompts until the batch is full")
+    max_refill_rounds: int = Field(4, ge=1, description="refill rounds per step; then zero-advantage groups fill the rest")
 
 
 class OptimConfig(StrictModel):
@@ -67,6 +80,13 @@ class OptimConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    loss_norm_tokens: int | None = Field(
+        None, ge=1, description="N of seq_mean_token_sum_norm; None: rollout.max_tokens")
+    importance_cap: float | None = Field(
+        None, gt=0, description="with rollout.max_staleness >= 1: the PPO ratio is taken against the trainer's "
+                                "log-probs and each token weighted by min(pi_trainer / pi_rollout, cap) (truncated "
+                                "importance sampling); None: the ratio is taken against the rollout's log-probs")
 
 
 class ResourcesConfig(StrictModel):
@@ -88,6 +108,7 @@ class OutputConfig(StrictModel):
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
+    log_every: int = Field(10, ge=1, description="steps between one-line summaries (every step goes to metrics.jsonl)")
 
 
 class TrainConfig(StrictModel):
@@ -98,6 +119,7 @@ class TrainConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -115,6 +137,12 @@ class TrainConfig(StrictModel):
                 f"a train batch of {per_rank} sequences does not split into {self.resources.trainers} trainers x "
                 f"micro-batches of {self.optim.micro_batch_size} (optim.micro_batch_size)"
             )
+        if self.advantage.refill and self.advantage.filter_groups == "none":
+            raise ValueError("advantage.refill needs advantage.filter_groups: zero_std")
+        if self.optim.importance_cap is not None and self.rollout.max_staleness == 0:
+            raise ValueError("optim.importance_cap applies only with rollout.max_staleness >= 1")
+        if self.optim.loss_norm_tokens is None:
+            self.optim.loss_norm_tokens = self.rollout.max_tokens
         return self
 
     @property

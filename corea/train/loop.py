@@ -1,4 +1,4 @@
-"""The RLCC driver: one loop over steps, each rollout -> reward -> reference -> advantages -> update -> sync."""
+"""The RLCC driver: one loop over steps, each batch (rollout -> reward -> advantages) -> reference -> update -> sync."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from corea import metrics
 from corea.data import Record, load_dataset
-from corea.engines import SamplingParams
-from corea.train.checkpoints import latest_checkpoint, prompt_indices, read_state, select, truncate_jsonl, write_checkpoint
+from corea.train.checkpoints import latest_checkpoint, read_state, truncate_jsonl, write_checkpoint
 from corea.train.config import TrainConfig
-from corea.train.grpo import group_advantages
+from corea.train.pipeline import RolloutPipeline
 from corea.train.pools import ClusterActors
-from corea.train.sequences import RolloutSequence
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -76,18 +74,12 @@ def step_metrics(rewards: list[list[dict]], rollouts: list[dict]) -> dict[str, f
     return out
 
 
-def _to_sequences(rollouts: list[dict], rewards: list[list[dict]], n: int) -> list[RolloutSequence]:
-    totals = torch.tensor([r["total"] for group in rewards for r in group], dtype=torch.float32)
-    advantages = group_advantages(totals, n).tolist()
-    seqs = [RolloutSequence(g["prompt_ids"], s["token_ids"], rollout_logprobs=s["logprobs"])
-            for g in rollouts for s in g["samples"]]
-    for seq, adv in zip(seqs, advantages):
-        seq.advantage = adv
-    return seqs
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run RLCC (or RLVR with ``confidence_reward: none``) as configured; returns the last checkpoint."""
+    """Run RLCC (or RLVR with ``confidence_reward: none``) as configured; returns the last checkpoint.
+
+    Per step: take the graded batch (``RolloutPipeline``: generated now, or up to ``rollout.max_staleness``
+    steps ahead), reference log-probs, GRPO update, weights to the rollout workers; log; checkpoint."""
+    entered = time.perf_counter()
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     records = training_records(cfg)
@@ -102,42 +94,46 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         (out / METRICS_FILE).unlink(missing_ok=True)
     if not ray.is_initialized():
         ray.init()
+    actors_began = time.perf_counter()
     actors = ClusterActors(cfg, str(resume_from / "hf") if resume_from else policy_path, reference_path, cfg.name)
+    startup = {"time/actors_start_s": time.perf_counter() - actors_began}
     if resume_from is not None:
         actors.load(str(resume_from))
         actors.sync_weights(version=start - 1)
+    pipeline = RolloutPipeline(cfg, actors, records, RolloutPipeline.load(resume_from))
     writer = _tensorboard(cfg)
-    params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                            max_tokens=cfg.rollout.max_tokens)
     last = resume_from
-    bar = tqdm(range(start, cfg.optim.steps + 1), desc="rlcc", disable=not progress, initial=start - 1, total=cfg.optim.steps)
+    bar = tqdm(range(start, cfg.optim.steps + 1), desc=cfg.name, disable=not progress, initial=start - 1,
+               total=cfg.optim.steps, dynamic_ncols=True)
     try:
-        for step in bar:
-            timer = _Timer()
-            batch = select(records, prompt_indices(len(records), step, cfg.rollout.prompts_per_step, cfg.seed))
-            step_params = SamplingParams(**{**params.__dict__, "seed": cfg.seed * 1_000_003 + step})
-            with timer("rollout"):
-                rollouts = actors.generate([r.messages() for r in batch], step_params)
-            with timer("reward"):
-                groups = [([s["text"] for s in g["samples"]], r.gold, r.kind, r.prompt()) for g, r in zip(rollouts, batch)]
-                rewards = actors.score(groups)
-            sequences = _to_sequences(rollouts, rewards, cfg.rollout.n)
-            with timer("reference"):
-                ref_logprobs = actors.reference_logprobs(sequences)
-            with timer("train"):
-                rank_stats = actors.train(sequences, ref_logprobs)
-            with timer("sync"):
-                actors.sync_weights(version=step)
-            timer.seconds["time/step_s"] = sum(timer.seconds.values())
-            row = {"step": step, **step_metrics(rewards, rollouts), **_mean(rank_stats), **timer.seconds,
-                   "weights_version": rollouts[0]["weights_version"]}
-            _log(out / METRICS_FILE, writer, row)
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("reward/total", "pass_at_1", "ece", "kl")})
-            if step % cfg.output.checkpoint_every == 0 or step == cfg.optim.steps:
-                last = write_checkpoint(out, step, lambda tmp: _save(actors, tmp, policy_path),
-                                        {"seed": cfg.seed, "data": {"n_records": len(records)}, "config": cfg.model_dump(mode="json")},
-                                        cfg.output.keep_checkpoints)
-                log.info("step %d: checkpoint %s", step, last)
+        with logging_redirect_tqdm():
+            for step in bar:
+                timer, began = _Timer(), time.perf_counter()
+                if step == start:  # once: train() entry to the first step (data, models, Ray actors started)
+                    startup["time/startup_s"] = began - entered
+                batch = pipeline.next(step)
+                rank_stats = []
+                if batch.sequences:  # empty only when every group was filtered out (no refill)
+                    with timer("reference"):
+                        ref_logprobs = actors.reference_logprobs(batch.sequences)
+                    with timer("train"):
+                        rank_stats = actors.train(batch.sequences, ref_logprobs, behaviour=cfg.rollout.max_staleness > 0)
+                with timer("sync"):
+                    actors.sync_weights(version=step)
+                timer.seconds.update(batch.stats)
+                timer.seconds["time/step_s"] = time.perf_counter() - began
+                row = {"step": step, **step_metrics(batch.rewards, batch.rollouts), **_mean(rank_stats), **timer.seconds,
+                       "weights_version": batch.weights_version, "staleness": step - 1 - batch.weights_version,
+                       **(startup if step == start else {})}
+                _log(out / METRICS_FILE, writer, row)
+                bar.set_postfix_str(_postfix(row), refresh=False)
+                if step % cfg.output.log_every == 0 or step == cfg.optim.steps:
+                    log.info("step %d/%d  %s", step, cfg.optim.steps, _summary(row))
+                if step % cfg.output.checkpoint_every == 0 or step == cfg.optim.steps:
+                    last = write_checkpoint(out, step, lambda tmp: _save(actors, pipeline, tmp, policy_path),
+                                            {"seed": cfg.seed, "data": {"n_records": len(records)}, "config": cfg.model_dump(mode="json")},
+                                            cfg.output.keep_checkpoints)
+                    log.debug("step %d: checkpoint %s", step, last)
     finally:
         if writer is not None:
             writer.close()
@@ -145,10 +141,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return last
 
 
-def _save(actors: ClusterActors, folder: Path, tokenizer_path: str) -> None:
+_POSTFIX = (("reward/total", "reward"), ("pass_at_1", "pass@1"), ("ece", "ece"), ("time/step_s", "s/step"))
+_SUMMARY = _POSTFIX + (("auroc", "auroc"), ("confidence_output_ratio", "conf_out"), ("kl", "kl"),
+                       ("response_length", "len"), ("staleness", "stale"))
+
+
+def _postfix(row: dict) -> str:
+    """The progress bar's few figures."""
+    return " ".join(f"{short}={row[k]:.3g}" for k, short in _POSTFIX if k in row)
+
+
+def _summary(row: dict) -> str:
+    """One line every ``output.log_every`` steps; the full row is in metrics.jsonl and TensorBoard."""
+    return "  ".join(f"{short} {row[k]:.3g}" for k, short in _SUMMARY if k in row)
+
+
+def _save(actors: ClusterActors, pipeline: RolloutPipeline, folder: Path, tokenizer_path: str) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     actors.save(str(folder))
+    pipeline.save(folder)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder / "hf")
     try:
         GenerationConfig.from_pretrained(tokenizer_path).save_pretrained(folder / "hf")
@@ -157,6 +169,8 @@ def _save(actors: ClusterActors, folder: Path, tokenizer_path: str) -> None:
 
 
 def _mean(rank_stats: list[dict]) -> dict[str, float]:
+    if not rank_stats:
+        return {}
     return {k: float(np.mean([s[k] for s in rank_stats])) for k in rank_stats[0]}
 
 
@@ -176,4 +190,3 @@ def _log(path: Path, writer, row: dict) -> None:
             if key != "step" and isinstance(value, (int, float)) and not np.isnan(value):
                 writer.add_scalar(key, value, row["step"])
         writer.flush()
-    log.info("step %d %s", row["step"], {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})

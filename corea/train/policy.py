@@ -123,16 +123,21 @@ class Policy:
             out.extend(unpack(logp.float(), batch))
         return out
 
-    def train(self, sequences: Sequence[RolloutSequence], ref_logprobs: Sequence[Sequence[float]] | None) -> dict[str, float]:
+    def train(self, sequences: Sequence[RolloutSequence], ref_logprobs: Sequence[Sequence[float]] | None,
+              behaviour: bool = False) -> dict[str, float]:
         """GRPO on this rank's share of one rollout step: one optimizer step per ``sequences_per_update``
         sequences, gradients accumulated over micro-batches (DeepSpeed averages them, and over ranks).
-        The old log-probs of the PPO ratio are those of the weights at entry."""
+        The old log-probs of the PPO ratio are those of the weights at entry; with ``behaviour`` (a batch
+        sampled with older weights) they are the rollout's own, or, with ``optim.importance_cap``, the weights'
+        at entry with the truncated importance weight against the rollout's (see ``grpo_loss``)."""
         sequences = list(sequences)
         if not sequences or len(sequences) % self.sequences_per_update:
             raise ValueError(f"{len(sequences)} sequences do not split into updates of {self.sequences_per_update}")
+        cap = self.optim.importance_cap if behaviour else None
+        use_rollout = behaviour and cap is None
         # The first update runs on unchanged weights, so its old log-probs are its own, detached; only the
         # sequences of later updates need a no-grad pass before the first optimizer step.
-        first = self.sequences_per_update
+        first = len(sequences) if use_rollout else self.sequences_per_update
         old: list[list[float] | None] = [None] * first + self.logprobs(sequences[first:])
         self.engine.train()
         totals: dict[str, float] = {}
@@ -140,7 +145,12 @@ class Policy:
         for idx in chunks:
             batch = pack([sequences[i] for i in idx], self.pad_id).to(self.device)
             logp, entropy = score(self.engine, batch, with_entropy=True)
-            if idx[0] < first:
+            behaviour_t = repack([sequences[i].rollout_logprobs for i in idx], batch).to(self.device) if behaviour else None
+            if use_rollout:
+                old_t = behaviour_t
+                for i, values in zip(idx, unpack(logp.detach().float(), batch)):
+                    old[i] = values  # for the rollout log-prob gap below
+            elif idx[0] < first:
                 old_t = logp.detach()
                 for i, values in zip(idx, unpack(old_t.float(), batch)):
                     old[i] = values
@@ -151,11 +161,14 @@ class Policy:
             terms = grpo_loss(
                 logp, old_t, ref_t, adv, batch.mask, entropy,
                 clip_eps=self.optim.clip_eps, kl_coef=self.optim.kl_coef, entropy_coef=self.optim.entropy_coef,
+                loss_agg=self.optim.loss_agg, norm_tokens=self.optim.loss_norm_tokens,
+                behaviour_logp=behaviour_t, importance_cap=cap,
             )
             self.engine.backward(terms.loss)
             self.engine.step()  # applies the optimizer only at the accumulation boundary
-            for name in ("loss", "policy_loss", "kl", "entropy", "clip_fraction", "ratio_mean"):
-                totals[name] = totals.get(name, 0.0) + float(getattr(terms, name).detach())
+            for name in ("loss", "policy_loss", "kl", "entropy", "clip_fraction", "ratio_mean", "importance_weight_mean"):
+                if getattr(terms, name) is not None:
+                    totals[name] = totals.get(name, 0.0) + float(getattr(terms, name).detach())
         totals = {k: v / len(chunks) for k, v in totals.items()}
         totals["rollout_logprob_gap"] = _max_gap(old, sequences)
         totals["optimizer_steps"] = float(self.engine.global_steps)

@@ -146,25 +146,32 @@ class ClusterActors:
             _until_alive(worker.version.remote, "rollout worker")
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
-        """n samples per prompt across the rollout pool, in prompt order; each prompt's group stays whole.
+        """n samples per prompt across the rollout pool, in prompt order, with the current weights."""
+        return self.collect(self.submit(prompts, params), self._weights[1] if self._weights else 0)
 
-        A shard is redone if its worker died during the call, or if it answered with stale weights (a worker
-        restarted between calls starts from the initial checkpoint): it is given the current weights first."""
-        expected = self._weights[1] if self._weights else 0
+    def submit(self, prompts: Sequence[Any], params: SamplingParams) -> list[tuple]:
+        """Start generating (each prompt's group stays whole on one worker); ``collect`` gathers the result."""
         shards = split_evenly(list(prompts), len(self.rollout))
-        pending = [w.generate.remote(s, params) for w, s in zip(self.rollout, shards)]
+        return [(i, shard, self.rollout[i].generate.remote(shard, params), params) for i, shard in enumerate(shards)]
+
+    def collect(self, pending: list[tuple], min_version: int) -> list[dict]:
+        """The groups of a ``submit``, in prompt order, each sampled with weights version >= ``min_version``.
+
+        A shard is redone if its worker died during the call, or if it answered with older weights (a worker
+        restarted between calls starts from the initial checkpoint): it is given the current weights first."""
         out: list[dict] = []
-        for i, (worker, shard, ref) in enumerate(zip(self.rollout, shards, pending)):
-            first = [ref]
+        for i, shard, ref, params in pending:
+            worker, first = self.rollout[i], [ref]
             for _ in range(MAX_RETRIES + 1):
                 result = _call_with_retry(
                     lambda: first.pop() if first else worker.generate.remote(shard, params),
                     lambda: self._resync(worker),
                     f"rollout worker {i}",
                 )
-                if all(g["weights_version"] == expected for g in result):
+                if all(g["weights_version"] >= min_version for g in result):
                     break
-                log.warning("rollout worker %d answered with stale weights (restarted?); resyncing and redoing", i)
+                log.warning("rollout worker %d answered with weights older than version %d (restarted?); "
+                            "resyncing and redoing", i, min_version)
                 self._resync(worker)
             else:
                 raise RuntimeError(f"rollout worker {i} keeps answering with stale weights")
@@ -223,8 +230,10 @@ class ClusterActors:
     def reference_logprobs(self, sequences: Sequence[RolloutSequence]) -> list[list[float]]:
         return ray.get(self.reference.logprobs.remote(list(sequences)))
 
-    def train(self, sequences: Sequence[RolloutSequence], ref_logprobs: Sequence[Sequence[float]]) -> list[dict]:
-        """Each policy rank trains on an equal, contiguous share of every update's sequences."""
+    def train(self, sequences: Sequence[RolloutSequence], ref_logprobs: Sequence[Sequence[float]],
+              behaviour: bool = False) -> list[dict]:
+        """Each policy rank trains on an equal, contiguous share of every update's sequences (``behaviour``:
+        sampled with older weights, see ``Policy.train``)."""
         ranks = len(self.policy)
         per_update = self.cfg.optim.train_batch_prompts * self.cfg.rollout.n
         shares: list[list[int]] = [[] for _ in range(ranks)]
@@ -233,7 +242,7 @@ class ClusterActors:
                 shares[k].extend(part)
         return ray.get(
             [
-                p.train.remote([sequences[i] for i in idx], [ref_logprobs[i] for i in idx])
+                p.train.remote([sequences[i] for i in idx], [ref_logprobs[i] for i in idx], behaviour)
                 for p, idx in zip(self.policy, shares)
             ]
         )
