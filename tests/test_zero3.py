@@ -83,7 +83,8 @@ def _zero3_rank(rank: int, model_path: str, out: str, port: int) -> None:
 
     # one GRPO update, each rank on its half; then the same update with ZeRO-0 on the same two ranks
     share = _sequences()[rank * 2 : rank * 2 + 2]
-    policy.train(share, None)
+    stats = policy.train(share, None)
+    assert stats["optimizer_steps"] == 1 and stats["entropy"] > 0  # logged although entropy_coef is 0
     policy.export_hf(out_dir / "zero3-step1")
     reference = _policy(model_path, 0, rank, 2, port, SEQUENCES // 2)
     assert not reference.zero3
@@ -165,3 +166,33 @@ def test_zero3_two_ranks_full_params_and_export(tiny_checkpoints, tmp_path):
     assert set(bf16) == set(original) and all(t.dtype == torch.bfloat16 for t in bf16.values())
     moved = [n for n in original if not torch.equal(bf16[n].float(), original[n].to(torch.bfloat16).float())]
     assert len(moved) > len(original) // 2
+
+
+@pytest.mark.slow
+def test_sft_under_zero3_writes_real_weights(tiny_checkpoints, tmp_path):
+    """Two Ray Train workers, ZeRO-3: the saved checkpoint holds the trained full weights (not the empty
+    partitioned placeholders each rank holds) and loads with ``from_pretrained``."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from corea.train.sft import SFTConfig, sft
+
+    model_path = tiny_checkpoints["slm"]
+    original = _weights(Path(model_path))
+    examples = [{"prompt": f"What is {i} + {i}?", "response": f"\\boxed{{{2 * i}}} \\confidence{{0.9}}"} for i in range(8)]
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        out = sft(str(model_path), examples, tmp_path / "sft-zero3",
+                  SFTConfig(epochs=1, batch_size=2, lr=1e-2, zero_stage=3, workers=2, cpus_per_worker=1))
+    finally:
+        ray.shutdown()
+    saved = _weights(out)
+    assert set(saved) == set(original)
+    for name, tensor in original.items():
+        assert saved[name].shape == tensor.shape, name
+    changed = [n for n in original if not torch.allclose(saved[n], original[n], atol=1e-6)]
+    assert len(changed) > len(original) // 2
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*.tmp"))

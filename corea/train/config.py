@@ -68,6 +68,13 @@ class OptimConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _precision_fits(self) -> "OptimConfig":
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision bf16 needs zero_stage >= 1 (DeepSpeed accumulates bf16 gradients in fp32 "
+                             "only in its ZeRO/BF16 optimizers)")
+        return self
+
 
 class ResourcesConfig(StrictModel):
     rollout_workers: int = Field(1, ge=1)
