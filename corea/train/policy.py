@@ -51,9 +51,9 @@ def _max_gap(logprobs: Sequence[Sequence[float]], sequences: Sequence[RolloutSeq
 class ReferenceModel:
     """Frozen initial weights; per-token log-probabilities of response tokens."""
 
-    def __init__(self, model_path: str, micro_batch_size: int = 8):
-        self.device = "cuda" if _use_cuda() else "cpu"
-        dtype = "bfloat16" if self.device == "cuda" else "float32"
+    def __init__(self, model_path: str, micro_batch_size: int = 8, device: str | None = None):
+        self.device = device or ("cuda" if _use_cuda() else "cpu")
+        dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.model, _ = load_model_and_tokenizer(model_path, dtype, self.device)
         self.pad_id = self.model.config.pad_token_id or 0
         self.micro_batch_size = micro_batch_size
