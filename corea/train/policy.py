@@ -221,8 +221,8 @@ class Policy:
         return count
 
     def save(self, folder: str | Path, tag: str = "state") -> None:
-        """Hugging Face weights under ``folder/hf`` (rank 0) and DeepSpeed state under ``folder/deepspeed``
-        (all ranks, collective)."""
+        """DeepSpeed state under ``folder/deepspeed`` and Hugging Face weights under ``folder/hf`` (``export_hf``).
+        All ranks call it (collective); only rank 0 writes the Hugging Face folder."""
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag=tag)
         self.export_hf(folder / "hf")
