@@ -2,8 +2,9 @@
 
 Every rank takes part in ``named_full_params``, ``state_dict`` and ``export_hf``; the exported Hugging Face
 folder loads with ``from_pretrained`` and equals the unsharded weights, before training (the checkpoint itself)
-and after one GRPO update (a ZeRO-0 run of the same update on one rank, whose gradients DeepSpeed averages the
-same way). A gather entered by rank 0 alone blocks until rank 1 enters too: the rank-0-only sync of old hung.
+and after one GRPO update (the same update with ZeRO-0 on the same two ranks). A gather entered by rank 0 alone
+blocks until rank 1 enters too: a weight sync that gathers on rank 0 only hangs. The same processes check the
+ZeRO-3 loader (built partitioned) and bf16 training (fp32 gradient accumulation, bf16 export).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-SEQUENCES = 4  # one update: two per rank under ZeRO-3, two micro-batches of two on the single ZeRO-0 rank
+SEQUENCES = 4  # one update: one micro-batch of two sequences per rank
 
 
 def _free_port() -> int:
