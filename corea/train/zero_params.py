@@ -14,13 +14,13 @@ only with its ZeRO/BF16 optimizers (stage >= 1); stage 0 with bf16 is refused he
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from corea.models.loading import is_zero3, zero3_loading  # noqa: F401 (re-exported)
+from corea.train.checkpoints import write_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +96,6 @@ def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None
     if rank != 0:
         return None
     return {k: v.detach().cpu() for k, v in engine.module_state_dict().items()}
-
-
-def write_hf_folder(module, state: dict[str, torch.Tensor], folder: str | Path, tokenizer=None) -> Path:
-    """Write ``state`` as a Hugging Face folder (config, generation config, safetensors, optionally the tokenizer)
-    at ``folder``, atomically: written to ``.NAME.tmp`` beside it, then renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
 
 
 def export_hf(engine, folder: str | Path, rank: int, tokenizer=None) -> Path | None:
