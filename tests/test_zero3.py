@@ -110,7 +110,7 @@ def _zero3_rank(rank: int, model_path: str, out: str, port: int) -> None:
     bf16.export_hf(out_dir / "zero3-bf16-step1")
 
 
-def _spawn(fn, nprocs: int, *args, timeout: float = 150.0) -> None:
+def _spawn(fn, nprocs: int, *args, timeout: float = 600.0) -> None:
     """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes; fail (and end them) past ``timeout`` seconds."""
     context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
