@@ -174,7 +174,7 @@ class Policy:
     def named_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(Hugging Face name, full tensor)`` per parameter, one at a time, in module order (the names vLLM's
         ``load_weights`` expects). Under ZeRO-3 each one is gathered on every rank: ALL ranks iterate this in
-        lockstep, to the end; the current CUDA stream is synchronized before a gather is released. A tensor is
+        lockstep, to the end; the CUDA device is synchronized before a gather is released. A tensor is
         valid until the next item (clone to keep). Tied parameters come once."""
         return iter_full_params(self._module(), self.zero3)
 

@@ -13,16 +13,12 @@ only with its ZeRO/BF16 optimizers (stage >= 1); stage 0 with bf16 is refused he
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from corea.models.loading import is_zero3, zero3_loading  # noqa: F401 (re-exported)
 from corea.train.checkpoints import write_hf_folder
-
-log = logging.getLogger(__name__)
 
 
 def ds_config(
@@ -55,17 +51,18 @@ def ds_config(
 
 
 def _synchronize(tensor: torch.Tensor) -> None:
-    """Wait until queued kernels that may read ``tensor`` (e.g. an NCCL broadcast) have finished."""
+    """Wait until queued kernels that may read ``tensor`` (e.g. an NCCL broadcast) have finished: the whole device,
+    which covers the current stream and a communicator's own stream alike."""
     if tensor.is_cuda:
-        torch.cuda.current_stream(tensor.device).synchronize()
+        torch.cuda.synchronize(tensor.device)
 
 
 def iter_full_params(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` for every parameter of ``module``, one at a time, in module order.
 
     ZeRO-3: each parameter is gathered with ``deepspeed.zero.GatheredParameters`` (a collective: ALL ranks must
-    iterate in lockstep and to the end) and re-partitioned when the generator advances, after the current CUDA
-    stream has been synchronized, so a consumer's asynchronous read (a broadcast) has finished first. The
+    iterate in lockstep and to the end) and re-partitioned when the generator advances, after the CUDA device
+    has been synchronized, so a consumer's asynchronous read (a broadcast on any stream) has finished first. The
     tensor is only valid until the next item: clone it to keep it. Shared (tied) parameters come once."""
     if not zero3:
         last = None
