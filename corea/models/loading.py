@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,45 @@ def load_tokenizer(path: str | os.PathLike, **kwargs: Any):
     return tokenizer
 
 
+def is_zero3(deepspeed_config: dict | None) -> bool:
+    """True when a DeepSpeed config dict asks for ZeRO stage 3 (partitioned parameters)."""
+    return bool(deepspeed_config) and int(deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+@contextmanager
+def zero3_loading(deepspeed_config: dict | None):
+    """While open, ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` when the config is ZeRO-3:
+    each parameter is partitioned as it is created, rank 0 reads the checkpoint and the layers are scattered one
+    at a time, so no rank holds the full model (transformers' ``HfDeepSpeedConfig``, kept alive for the load;
+    it needs ``accelerate``). Transformers' global is restored on exit, so later loads in the process are plain.
+    A collective under ZeRO-3: all ranks load together, ``torch.distributed`` initialised. No-op otherwise."""
+    if not is_zero3(deepspeed_config):
+        yield None
+        return
+    import transformers.integrations.deepspeed as hf_ds
+
+    previous = hf_ds._hf_deepspeed_config_weak_ref
+    keep = hf_ds.HfDeepSpeedConfig(deepspeed_config)  # transformers holds only a weak reference to it
+    try:
+        yield keep
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = previous
+        del keep
+
+
 def load_model_and_tokenizer(
-    path: str | os.PathLike, dtype: str = "auto", device: str | None = None, **model_kwargs: Any
+    path: str | os.PathLike,
+    dtype: str = "auto",
+    device: str | None = None,
+    deepspeed_config: dict | None = None,
+    **model_kwargs: Any,
 ):
     """``(model, tokenizer)`` from a local Hugging Face folder, model in eval mode on ``device``.
 
     ``dtype``: "auto" | "float32" | "bfloat16" | "float16" (see ``resolve_dtype``); ``device``: None/"auto",
-    "cpu", "cuda", "cuda:1", ... Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained``
+    "cpu", "cuda", "cuda:1", ... ``deepspeed_config``: the DeepSpeed config the model will be trained with; under
+    ZeRO-3 the model is built partitioned (``zero3_loading``) and left where ``deepspeed.zero.Init`` put it
+    (``device`` is not applied). Extra keyword arguments go to ``AutoModelForCausalLM.from_pretrained``
     (e.g. ``attn_implementation``).
     """
     import transformers
@@ -70,6 +103,9 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(path, dtype, device)
     major = int(transformers.__version__.split(".")[0])
     dtype_key = "dtype" if major >= 5 else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_key: torch_dtype}, **model_kwargs)
-    model.to(device).eval()
+    with zero3_loading(deepspeed_config):
+        model = AutoModelForCausalLM.from_pretrained(str(path), **{dtype_key: torch_dtype}, **model_kwargs)
+    if not is_zero3(deepspeed_config):
+        model.to(device)
+    model.eval()
     return model, load_tokenizer(path)

@@ -5,7 +5,7 @@
         deepspeed/           DeepSpeed module and optimizer state of every rank
         trainer_state.json   step, seed, data position
 A checkpoint is first written to ``.step_000002.tmp`` and renamed into place: a folder named ``step_*``
-is always complete.
+is always complete. Hugging Face folders (``write_hf_folder``) are written the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +38,22 @@ def write_checkpoint(out_dir: Path, step: int, write: Callable[[Path], None], st
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None) -> Path:
+    """Write ``state`` as a Hugging Face folder (config, generation config, safetensors, optionally the tokenizer)
+    at ``folder``, atomically: written to ``.NAME.tmp`` beside it, then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

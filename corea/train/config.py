@@ -88,6 +88,13 @@ class OptimConfig(StrictModel):
                                 "log-probs and each token weighted by min(pi_trainer / pi_rollout, cap) (truncated "
                                 "importance sampling); None: the ratio is taken against the rollout's log-probs")
 
+    @model_validator(mode="after")
+    def _precision_fits(self) -> "OptimConfig":
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision bf16 needs zero_stage >= 1 (DeepSpeed accumulates bf16 gradients in fp32 "
+                             "only in its ZeRO/BF16 optimizers)")
+        return self
+
 
 class ResourcesConfig(StrictModel):
     rollout_workers: int = Field(1, ge=1)

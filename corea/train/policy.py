@@ -1,7 +1,12 @@
 """The policy under training (one DeepSpeed rank) and the frozen reference model.
 
 Both are plain classes; ``corea.train.actors`` runs them as Ray actors. DeepSpeed uses its CPU accelerator
-(gloo, fp32) where no GPU is visible and CUDA (NCCL, bf16 if configured) otherwise.
+(gloo, fp32) where no GPU is visible and CUDA (NCCL, bf16 if configured) otherwise. Precision: bf16 weights
+loaded as bf16 (under ``deepspeed.zero.Init`` for ZeRO-3, so no rank holds the full model), fp32 master weights
+in the optimizer, gradients accumulated in fp32 (see ``corea.train.zero_params``).
+
+Under ZeRO-3 ``named_full_params``, ``state_dict``, ``export_hf`` and ``save`` are collectives: every rank
+calls them, in the same order.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import logging
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -18,6 +23,7 @@ from corea.models import load_model_and_tokenizer
 from corea.train.config import OptimConfig
 from corea.train.grpo import grpo_loss
 from corea.train.sequences import RolloutSequence, pack, repack, score, unpack
+from corea.train.zero_params import ds_config, export_hf, iter_full_params
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +51,9 @@ def _max_gap(logprobs: Sequence[Sequence[float]], sequences: Sequence[RolloutSeq
 class ReferenceModel:
     """Frozen initial weights; per-token log-probabilities of response tokens."""
 
-    def __init__(self, model_path: str, micro_batch_size: int = 8):
-        self.device = "cuda" if _use_cuda() else "cpu"
-        dtype = "bfloat16" if self.device == "cuda" else "float32"
+    def __init__(self, model_path: str, micro_batch_size: int = 8, device: str | None = None):
+        self.device = device or ("cuda" if _use_cuda() else "cpu")
+        dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.model, _ = load_model_and_tokenizer(model_path, dtype, self.device)
         self.pad_id = self.model.config.pad_token_id or 0
         self.micro_batch_size = micro_batch_size
@@ -91,27 +97,27 @@ class Policy:
         if sequences_per_update % optim.micro_batch_size:
             raise ValueError(f"{sequences_per_update} sequences per update is not a multiple of micro_batch_size")
         self.sequences_per_update = sequences_per_update  # on this rank
-        model, _ = load_model_and_tokenizer(model_path, "float32", "cpu")  # DeepSpeed places it
+        config = self._ds_config()
+        dtype = "bfloat16" if optim.precision == "bf16" else "float32"
+        # ZeRO 0-2: loaded on the CPU, DeepSpeed moves it; ZeRO-3: built partitioned under deepspeed.zero.Init
+        model, _ = load_model_and_tokenizer(model_path, dtype, "cpu", deepspeed_config=config)
         if optim.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.pad_id = model.config.pad_token_id or 0
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
         )
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config())
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.device = self.engine.device
 
     def _ds_config(self) -> dict:
         o = self.optim
-        return {
-            "train_micro_batch_size_per_gpu": o.micro_batch_size,
-            "gradient_accumulation_steps": self.sequences_per_update // o.micro_batch_size,
-            "gradient_clipping": o.max_grad_norm,
-            "zero_optimization": {"stage": o.zero_stage},
-            "bf16": {"enabled": o.precision == "bf16"},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        return ds_config(o.micro_batch_size, self.sequences_per_update // o.micro_batch_size, o.zero_stage,
+                         o.precision, o.max_grad_norm)
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine.zero_optimization_partition_weights()
 
     @torch.no_grad()
     def logprobs(self, sequences: Sequence[RolloutSequence]) -> list[list[float]]:
@@ -144,7 +150,8 @@ class Policy:
         chunks = list(_micro_batches(list(range(len(sequences))), self.optim.micro_batch_size))
         for idx in chunks:
             batch = pack([sequences[i] for i in idx], self.pad_id).to(self.device)
-            logp, entropy = score(self.engine, batch, with_entropy=True)
+            # entropy_coef == 0: the entropy is only logged, so its full-vocabulary softmax stays out of the graph
+            logp, entropy = score(self.engine, batch, with_entropy=True, entropy_grad=self.optim.entropy_coef > 0)
             behaviour_t = repack([sequences[i].rollout_logprobs for i in idx], batch).to(self.device) if behaviour else None
             if use_rollout:
                 old_t = behaviour_t
@@ -177,16 +184,25 @@ class Policy:
     def _module(self):
         return self.engine.module
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full parameters on the CPU under their Hugging Face names (gathered under ZeRO-3)."""
-        module = self._module()
-        ctx = nullcontext()
-        if self.optim.zero_stage == 3:
-            import deepspeed
+    def named_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(Hugging Face name, full tensor)`` per parameter, one at a time, in module order (the names vLLM's
+        ``load_weights`` expects). Under ZeRO-3 each one is gathered on every rank: ALL ranks iterate this in
+        lockstep, to the end; the CUDA device is synchronized before a gather is released. A tensor is
+        valid until the next item (clone to keep). Tied parameters come once."""
+        return iter_full_params(self._module(), self.zero3)
 
-            ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-        with ctx:
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full parameters as fp32 CPU copies under their Hugging Face names, on rank 0; ``None`` on other ranks.
+
+        Under ZeRO-3 a collective (all ranks call it); under ZeRO 0-2 rank 0 may call it alone."""
+        keep = self.rank == 0
+        out = {name: t.detach().to("cpu", torch.float32).clone() for name, t in self.named_full_params() if keep}
+        return out if keep else None
+
+    def export_hf(self, folder: str | Path) -> Path | None:
+        """All ranks call this; rank 0 writes a Hugging Face folder (config + safetensors in the training dtype)
+        from the consolidated state dict, atomically; other ranks write nothing. Returns the folder on rank 0."""
+        return export_hf(self.engine, folder, self.rank)
 
     # --- NCCL weight broadcast to vLLM rollout workers (GPU) -------------------------------------------------
     def init_weight_group(self, master_address: str, master_port: int, world_size: int) -> None:
@@ -218,13 +234,11 @@ class Policy:
         return count
 
     def save(self, folder: str | Path, tag: str = "state") -> None:
-        """Hugging Face weights under ``folder/hf`` (rank 0) and DeepSpeed state under ``folder/deepspeed``
-        (all ranks, collective)."""
+        """DeepSpeed state under ``folder/deepspeed`` and Hugging Face weights under ``folder/hf`` (``export_hf``).
+        All ranks call it (collective); only rank 0 writes the Hugging Face folder."""
         folder = Path(folder)
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag=tag)
-        state = self.state_dict()
-        if self.rank == 0:
-            self._module().save_pretrained(folder / "hf", state_dict=state, safe_serialization=True)
+        self.export_hf(folder / "hf")
 
     def load(self, folder: str | Path, tag: str = "state") -> None:
         """Restore weights and optimizer state written by ``save``."""

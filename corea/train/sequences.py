@@ -51,11 +51,19 @@ def pack(sequences: Sequence[RolloutSequence], pad_id: int) -> PackedBatch:
     return PackedBatch(ids, attention, ids[:, 1:].clone(), mask)
 
 
-def score(model, batch: PackedBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-target log-probabilities (B, L-1), and per-position entropies when asked, of ``batch`` under ``model``."""
+def score(
+    model, batch: PackedBatch, with_entropy: bool = False, entropy_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-target log-probabilities (B, L-1), and per-position entropies when asked, of ``batch`` under ``model``.
+
+    ``entropy_grad=False``: the entropy is computed without autograd (a logged value only), so its
+    full-vocabulary softmax is not kept for the backward pass."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     logp = token_logprobs(logits, batch.targets)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits)
     return logp, entropy
 
 

@@ -1,19 +1,20 @@
 """Supervised fine-tuning with Ray Train (``TorchTrainer``) and DeepSpeed: warm starts and the Router baseline.
 
 Each example is a chat prompt and the target response; the loss is the mean token cross-entropy of the
-response tokens only (the prompt is context). Rank 0 writes the Hugging Face checkpoint atomically.
+response tokens only (the prompt is context). Precision and ZeRO as the policy (``corea.train.zero_params``):
+bf16 on GPU with fp32 gradient accumulation, ZeRO-3 models built partitioned. At the end every rank takes part in
+consolidating the weights (a collective under ZeRO-3) and rank 0 writes the Hugging Face checkpoint atomically.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ class SFTConfig(BaseModel):
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> "SFTConfig":
+        if self.use_gpu and self.zero_stage == 0:
+            raise ValueError("use_gpu trains in bf16, which needs zero_stage >= 1 (fp32 gradient accumulation)")
+        return self
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.use_gpu else "fp32"
 
 
 def _render(tokenizer, prompt) -> str:
@@ -51,19 +62,17 @@ def _train_loop(config: dict) -> None:
     from ray import train
     from corea.models import load_model_and_tokenizer
     from corea.train.sequences import RolloutSequence, pack
+    from corea.train.zero_params import ds_config, export_hf
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     cfg = SFTConfig(**config["sft"])
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(config["model_path"], "float32", "cpu")  # DeepSpeed places it
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")  # before a ZeRO-3 load
+    ds = ds_config(cfg.batch_size, 1, cfg.zero_stage, cfg.precision, max_grad_norm=1.0)
+    dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
+    model, tokenizer = load_model_and_tokenizer(config["model_path"], dtype, "cpu", deepspeed_config=ds)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer,
-        config={"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.use_gpu},
-                "gradient_clipping": 1.0, "steps_per_print": 10**9},
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine.train()  # the loader returns the model in eval mode
     shard = train.get_dataset_shard("train")
@@ -84,14 +93,7 @@ def _train_loop(config: dict) -> None:
             engine.step()
             losses.append(float(loss))
         train.report({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
-    if train.get_context().get_world_rank() == 0:
-        out = Path(config["out_dir"])
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+    export_hf(engine, config["out_dir"], train.get_context().get_world_rank(), tokenizer=tokenizer)  # all ranks
 
 
 def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFTConfig | None = None) -> Path:
