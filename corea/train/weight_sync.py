@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 SYNC_TIMEOUT_S = 1800.0  # one full transfer of a 32B model, with margin
@@ -37,6 +37,21 @@ def wait(refs: Sequence[Any], what: str, timeout_s: float) -> list[Any]:
         return ray.get(list(refs), timeout=timeout_s)
     except GetTimeoutError as exc:
         raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s") from exc
+
+
+def wait_alive(call, what: str, timeout_s: float = RESTART_TIMEOUT_S) -> Any:
+    """``ray.get(call())``, made again while the actor restarts (``max_restarts``), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return ray.get(call(), timeout=max(1.0, left))
+        except (RayActorError, ActorUnavailableError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what}: the actor did not come back within {timeout_s:.0f} s") from exc
+            time.sleep(1.0)
+        except GetTimeoutError as exc:
+            raise TimeoutError(f"{what}: no answer within {timeout_s:.0f} s") from exc
 
 
 def worker_rank_offsets(workers: int, tensor_parallel_size: int) -> tuple[list[int], int]:
@@ -112,15 +127,16 @@ class ObjectStoreSync:
         refs = [p.state_dict_for_sync.remote() for p in self.policy]  # every rank: ZeRO-3 gathers are collectives
         wait(refs[1:], "policy ranks 1.. gathering the weights", SYNC_TIMEOUT_S)
         self.current = (refs[0], version)
-        versions = wait([w.update_weights.remote(refs[0], version) for w in self.rollout],
-                        f"rollout workers loading weights version {version}", SYNC_TIMEOUT_S)
+        versions = [wait_alive(lambda w=w: w.update_weights.remote(refs[0], version),
+                               f"rollout worker {i} loading weights version {version}", SYNC_TIMEOUT_S)
+                    for i, w in enumerate(self.rollout)]
         return _checked(versions, version)
 
     def resync(self, worker: Any) -> None:
         if self.current is not None:
             ref, version = self.current
-            wait([worker.update_weights.remote(ref, version)], f"restarted rollout worker loading version {version}",
-                 SYNC_TIMEOUT_S)
+            wait_alive(lambda: worker.update_weights.remote(ref, version),
+                       f"restarted rollout worker loading version {version}", SYNC_TIMEOUT_S)
 
 
 class FolderSync:
@@ -135,8 +151,9 @@ class FolderSync:
         folder = self.root / f"v{version}"
         wait([p.export_hf.remote(str(folder)) for p in self.policy], f"policy ranks exporting {folder}",
              SYNC_TIMEOUT_S)
-        versions = wait([w.reload_weights.remote(str(folder), version) for w in self.rollout],
-                        f"rollout workers reloading {folder}", SYNC_TIMEOUT_S)
+        versions = [wait_alive(lambda w=w: w.reload_weights.remote(str(folder), version),
+                               f"rollout worker {i} reloading {folder}", SYNC_TIMEOUT_S)
+                    for i, w in enumerate(self.rollout)]
         previous, self.current = self.current, (folder, version)
         if previous is not None and previous[0] != folder:
             shutil.rmtree(previous[0], ignore_errors=True)
@@ -145,8 +162,8 @@ class FolderSync:
     def resync(self, worker: Any) -> None:
         if self.current is not None:
             folder, version = self.current
-            wait([worker.reload_weights.remote(str(folder), version)], f"restarted rollout worker reloading {folder}",
-                 SYNC_TIMEOUT_S)
+            wait_alive(lambda: worker.reload_weights.remote(str(folder), version),
+                       f"restarted rollout worker reloading {folder}", SYNC_TIMEOUT_S)
 
 
 class NcclSync:
@@ -196,15 +213,7 @@ class NcclSync:
 
 
 def _wait_alive(worker: Any, timeout_s: float = RESTART_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            ray.get(worker.version.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            return
-        except (RayActorError, GetTimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"restarted rollout worker did not come back within {timeout_s:.0f} s") from exc
-            time.sleep(1.0)
+    wait_alive(worker.version.remote, "restarted rollout worker", timeout_s)
 
 
 def _checked(versions: Sequence[int], version: int) -> int:
