@@ -21,7 +21,7 @@ from corea.engines import SamplingParams
 from corea.train.actors import PolicyActor, ReferenceActor, RewardActor, RolloutWorker, rendezvous_address
 from corea.train.config import TrainConfig
 from corea.train.placement import rollout_engine_options, training_bundles
-from corea.train.weight_sync import make_weight_sync
+from corea.train.weight_sync import make_weight_sync, wait_alive
 from corea.train.sequences import RolloutSequence
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,6 @@ def _call_with_retry(call: Callable[[], Any], recover: Callable[[], None], what:
                 raise
             log.warning("%s failed (%s); restarting it and redoing the call (attempt %d)", what, type(exc).__name__, attempt + 1)
             recover()
-
-
-def _until_alive(call: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
-    """``ray.get(call())``, repeated while the actor is restarting (it comes back with ``max_restarts``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(call())
-        except ACTOR_FAILURES:
-            if time.monotonic() > deadline:
-                raise
-            log.info("%s is restarting; waiting", what)
-            time.sleep(1.0)
 
 
 class ClusterActors:
@@ -132,7 +119,7 @@ class ClusterActors:
 
     # --- rollout -------------------------------------------------------------------------------------------
     def _resync(self, worker) -> None:
-        _until_alive(worker.version.remote, "rollout worker")
+        wait_alive(worker.version.remote, "rollout worker restarting")  # vLLM start-up can take minutes
         self.weights.resync(worker)
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
