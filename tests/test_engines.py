@@ -312,9 +312,7 @@ def test_vllm_logprobs_and_greedy_match_transformers(vllm_engine, engine):
 @pytest.mark.vllm
 def test_vllm_update_weights(vllm_engine, tiny_checkpoints):
     other = HFEngine(tiny_checkpoints["slm_b"])
-    before = vllm_engine.weight_checksums()
     vllm_engine.update_weights(other.model.state_dict())
-    assert vllm_engine.weight_checksums() != before
     expected = other.generate(PROMPTS, greedy(16))
     got = vllm_engine.generate(PROMPTS, greedy(16))
     assert [g.samples[0].token_ids for g in got] == [g.samples[0].token_ids for g in expected]

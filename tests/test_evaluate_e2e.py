@@ -75,10 +75,16 @@ def test_vllm_row_functions():
            "num_generated_tokens": 2,
            "logprobs": [{5: {"logprob": math.log(0.5), "rank": 1, "decoded_token": "a"}},
                         {"7": {"logprob": math.log(0.25), "rank": 2, "decoded_token": "b"}}]}
-    post = vllm_postprocess(out, role="llm", model_path="/m")
+    post = vllm_postprocess(out, role="llm", model_path="/m", max_tokens=32)
     assert post["run"] == 1 and post["prompt_tokens"] == 40 and post["output_tokens"] == 2
     assert post["mean_token_prob"] == pytest.approx(0.375) and post["response"] == "\\boxed{1}"
-    assert sampled_logprobs(None, [1, 2]) == []
+    assert post["finish_reason"] == "stop"
+    assert vllm_postprocess(out, role="llm", model_path="/m", max_tokens=2)["finish_reason"] == "length"
+    with pytest.raises(ValueError, match="no 'logprobs'"):  # a missing column is an error, never 0.0
+        vllm_postprocess({**out, "logprobs": None}, role="llm", model_path="/m", max_tokens=32)
+    with pytest.raises(ValueError, match="2 generated tokens"):
+        sampled_logprobs(out["logprobs"][:1], [5, 7])
+    assert sampled_logprobs(None, []) == []
 
 
 def test_vllm_backend_is_gated():

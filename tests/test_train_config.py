@@ -71,17 +71,22 @@ def test_truncate_metrics(tmp_path):
 
 
 def test_nccl_rank_plan():
-    from corea.train.pools import nccl_ranks
+    from corea.train.weight_sync import worker_rank_offsets
 
-    assert nccl_ranks(3, 4) == ([1, 5, 9], 13)
-    assert nccl_ranks(1, 1) == ([1], 2)
+    assert worker_rank_offsets(3, 4) == ([1, 5, 9], 13)
+    assert worker_rank_offsets(1, 1) == ([1], 2)
 
 
 def test_weight_sync_strategy_follows_the_config():
-    from corea.train.pools import ClusterActors
+    from corea.train import weight_sync
 
-    actors = ClusterActors.__new__(ClusterActors)  # the strategy is a pure function of the config
-    actors.cfg = load_config("configs/paper-qwen2.5-7b-rlcc-l1.yaml")
-    assert actors.uses_nccl()
-    actors.cfg = load_config("configs/tiny-cpu-rlcc.yaml")
-    assert not actors.uses_nccl()
+    def strategy(path):
+        cfg = load_config(path)
+        return type(weight_sync.make_weight_sync(cfg.engine.backend, cfg.resources.trainer_gpus, [], [], 1,
+                                                 None, cfg.out_dir / "weights"))
+
+    assert strategy("configs/paper-qwen2.5-7b-rlcc-l1.yaml") is weight_sync.NcclSync
+    assert strategy("configs/tiny-cpu-rlcc.yaml") is weight_sync.ObjectStoreSync
+    cpu_vllm = load_config("configs/tiny-cpu-rlcc.yaml", {"engine.backend": "vllm"})
+    assert type(weight_sync.make_weight_sync("vllm", cpu_vllm.resources.trainer_gpus, [], [], 1, None,
+                                             "w")) is weight_sync.FolderSync

@@ -14,7 +14,7 @@ def load_engine(model_path: str, backend: str = "transformers", **options: Any) 
 
     ``backend="transformers"``: ``HFEngine`` (options: device, dtype, max_batch_size, seed).
     ``backend="vllm"``: ``VLLMEngine`` (options: tensor_parallel_size, dtype, gpu_memory_utilization, load_format,
-    seed, enable_prefix_caching, async_engine, ... any vLLM engine argument).
+    seed, enable_prefix_caching, async_engine, weight_transfer, ... any vLLM 0.29.0 engine argument).
     """
     if backend == "transformers":
         from corea.engines.hf import HFEngine

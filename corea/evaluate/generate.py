@@ -2,7 +2,7 @@
 
 Questions become rows (dataset, group, id, gold, kind, messages as JSON, seed). Two generation paths:
 
-- transformers (anywhere): ``ds.map_batches(GenerateBatch, concurrency=..., batch_size=...)``, an actor pool
+- transformers (anywhere): ``ds.map_batches(GenerateBatch, compute=ActorPoolStrategy(size=...))``, an actor pool
   each holding an engine; one call per question draws its k runs as n=k samples seeded with the question's
   seed, so run r of a question is the same whatever the batching.
 - vLLM (where installed): ``ray.data.llm`` with a ``vLLMEngineProcessorConfig``; rows are first expanded to one
@@ -149,47 +149,71 @@ def vllm_preprocess(row: dict, temperature: float, top_p: float, max_tokens: int
 
 
 def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> list[float]:
-    """log p of each sampled token from ray.data.llm's ``logprobs`` (per position: token id -> {logprob, ...})."""
+    """log p of each sampled token from ray.data.llm's ``logprobs`` column (Ray 2.60 ``vLLMOutputData.logprobs``:
+    per generated token, token id -> {"logprob", "rank", "decoded_token"}). A missing column (``None`` with
+    tokens generated: the processor was built without ``logprobs`` in its sampling params, or by a Ray release
+    before 2.53) raises instead of averaging nothing into 0.0."""
+    token_ids = list(token_ids)
+    if logprobs is None:
+        if token_ids:
+            raise ValueError("ray.data.llm returned no 'logprobs' for a generated sample (needs Ray >= 2.53 and "
+                             "sampling_params.logprobs set); mean_token_prob cannot be computed")
+        return []
     out = []
-    for entry, token in zip(logprobs if logprobs is not None else [], token_ids):
-        if not entry:
-            continue
+    for position, (entry, token) in enumerate(zip(logprobs, token_ids)):
         item = entry.get(int(token), entry.get(str(int(token)))) if hasattr(entry, "get") else None
-        if item is None and len(entry) == 1:
+        if item is None and entry is not None and len(entry) == 1:
             item = next(iter(entry.values()))
-        if item is not None:
-            out.append(float(item["logprob"] if hasattr(item, "__getitem__") else item.logprob))
+        if item is None:
+            raise ValueError(f"ray.data.llm's logprobs hold no entry for sampled token {token} at position {position}")
+        out.append(float(item["logprob"] if hasattr(item, "__getitem__") else item.logprob))
+    if len(out) != len(token_ids):
+        raise ValueError(f"ray.data.llm returned {len(out)} logprobs for {len(token_ids)} generated tokens")
     return out
 
 
-def vllm_postprocess(row: dict, role: str, model_path: str) -> dict:
+def finish_reason(output_tokens: int, max_tokens: int) -> str:
+    """Ray 2.60's processor rows carry no finish reason; a sample that used its whole token budget was cut
+    ("length"), any shorter one ended on EOS or a stop string ("stop"). (A sample whose EOS is exactly the
+    max_tokens-th token is counted as "length".)"""
+    return "length" if output_tokens >= max_tokens else "stop"
+
+
+def vllm_postprocess(row: dict, role: str, model_path: str, max_tokens: int) -> dict:
     """A record row from the processor's output row."""
-    tokens = list(row.get("generated_tokens") or [])
+    tokens = list(row.get("generated_tokens") if row.get("generated_tokens") is not None else [])
     lps = sampled_logprobs(row.get("logprobs"), tokens)
+    output_tokens = int(row.get("num_generated_tokens") or len(tokens))
     return {**{k: row[k] for k in _CARRY}, "run": int(row["run"]), "model": role, "model_path": model_path,
             "response": row.get("generated_text") or "", "prompt_tokens": int(row["num_input_tokens"]),
-            "output_tokens": int(row.get("num_generated_tokens") or len(tokens)),
-            "mean_token_prob": float(np.mean(np.exp(lps))) if lps else 0.0, "finish_reason": None}
+            "output_tokens": output_tokens,
+            "mean_token_prob": float(np.mean(np.exp(lps))) if lps else 0.0,
+            "finish_reason": finish_reason(output_tokens, max_tokens)}
+
+
+def vllm_processor_config(job: GenerationJob):
+    """Ray 2.60's ``vLLMEngineProcessorConfig`` for ``job``: ``model_source`` the checkpoint folder, ``engine_kwargs``
+    the vLLM engine arguments, ``concurrency`` engine replicas (the processor's own field), ``batch_size`` rows."""
+    from ray.data import llm as ray_llm
+
+    return ray_llm.vLLMEngineProcessorConfig(
+        model_source=job.model_path,
+        engine_kwargs=dict(job.options),
+        concurrency=job.concurrency,
+        batch_size=job.batch_size,
+    )
 
 
 def vllm_processor(job: GenerationJob):
-    """A ``ray.data.llm`` processor for ``job`` (``build_processor``; ``build_llm_processor`` on older Ray)."""
+    """A ``ray.data.llm`` processor for ``job`` (``build_processor``, Ray >= 2.53)."""
     if not vllm_available():
         raise RuntimeError(f"models.{job.role}: backend 'vllm' needs vLLM installed (pip install -e '.[vllm]')")
     from ray.data import llm as ray_llm
 
-    build = getattr(ray_llm, "build_processor", None) or ray_llm.build_llm_processor
-    options = dict(job.options)
-    config = ray_llm.vLLMEngineProcessorConfig(
-        model_source=job.model_path,
-        engine_kwargs=options,
-        concurrency=job.concurrency,
-        batch_size=job.batch_size,
-    )
-    return build(
-        config,
+    return ray_llm.build_processor(
+        vllm_processor_config(job),
         preprocess=partial(vllm_preprocess, temperature=job.temperature, top_p=job.top_p, max_tokens=job.max_tokens),
-        postprocess=partial(vllm_postprocess, role=job.role, model_path=job.model_path),
+        postprocess=partial(vllm_postprocess, role=job.role, model_path=job.model_path, max_tokens=job.max_tokens),
     )
 
 
@@ -207,13 +231,15 @@ def generate(job: GenerationJob, records: Sequence[Record], progress: bool = Tru
     if job.backend == "vllm":
         ds = vllm_processor(job)(ds.flat_map(partial(expand_runs, runs=job.runs)))
     elif job.backend == "transformers":
-        ds = ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": job}, concurrency=job.concurrency,
+        ds = ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": job},
+                            compute=ray.data.ActorPoolStrategy(size=job.concurrency),
                             batch_size=job.batch_size, batch_format="pandas", num_cpus=job.num_cpus,
                             num_gpus=job.num_gpus or None)
     else:
         raise ValueError(f"backend must be 'transformers' or 'vllm', got {job.backend!r}")
     ds = ds.map_batches(grade_batch, fn_kwargs={"style": job.style, "processes": math.ceil(job.grade_cpus)},
-                        concurrency=job.grade_concurrency, batch_size=64, batch_format="pandas",
+                        compute=ray.data.TaskPoolStrategy(size=job.grade_concurrency), batch_size=64,
+                        batch_format="pandas",
                         num_cpus=job.grade_cpus)
     totals = pd.Series([r.dataset for r in records]).value_counts() * job.runs
     done = dict.fromkeys(totals.index, 0)

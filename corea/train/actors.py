@@ -27,9 +27,10 @@ class RolloutWorker:
 
     def __init__(self, model_path: str, backend: str = "transformers", options: dict | None = None):
         self.engine = load_engine(model_path, backend=backend, **(options or {}))
-        self.weights_version = 0
+        self.weights_version = 0  # transformers engines; vLLM keeps its own (``weight_version``)
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
+        version = self.version()
         out = []
         for generation in self.engine.generate(list(prompts), params):
             out.append(
@@ -44,25 +45,40 @@ class RolloutWorker:
                         }
                         for s in generation.samples
                     ],
-                    "weights_version": self.weights_version,
+                    "weights_version": version,
                 }
             )
         return out
 
     def update_weights(self, state_dict: dict, version: int) -> int:
+        """Object-store sync (transformers engines)."""
         self.engine.update_weights(state_dict)
         self.weights_version = version
         return version
 
-    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        self.engine.init_weight_group(master_address, master_port, rank_offset, world_size)
+    # vLLM engines: the weight-transfer API and reload from a Hugging Face folder (corea.train.weight_sync)
+    def init_weight_transfer(self, init_info: dict) -> None:
+        self.engine.init_weight_transfer(init_info)
 
-    def receive_weights(self, specs: list, version: int) -> int:
-        self.engine.receive_weights(specs)
-        self.weights_version = version
-        return version
+    def start_weight_update(self) -> None:
+        self.engine.start_weight_update()
+
+    def receive_weights(self, update_info: dict) -> None:
+        self.engine.receive_weights(update_info)
+
+    def finish_weight_update(self, version: int) -> int:
+        self.engine.finish_weight_update(version)
+        return self.version()
+
+    def reload_weights(self, folder: str, version: int) -> int:
+        self.engine.reload_weights(folder, version)
+        return self.version()
 
     def version(self) -> int:
+        if hasattr(self.engine, "weight_version"):
+            from corea.engines.vllm_engine import version_number
+
+            return version_number(self.engine.weight_version())
         return self.weights_version
 
     def pid(self) -> int:
@@ -74,10 +90,46 @@ class ReferenceActor(ReferenceModel):
 
 
 class PolicyActor(Policy):
-    """Ray actor around one DeepSpeed rank."""
+    """Ray actor around one DeepSpeed rank, with the trainer side of the weight sync.
+
+    Every rank takes part in every sync: ``named_full_params()`` gathers under ZeRO-3 (a collective), so all
+    ranks iterate it in lockstep; only rank 0 sends."""
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+    def state_dict_for_sync(self) -> dict | None:
+        """Object-store sync: the full state dict on rank 0, None on the others (every rank gathers)."""
+        state = self.state_dict()
+        return state if self.rank == 0 else None
+
+    def init_weight_transfer(self, master_address: str, master_port: int, world_size: int, client) -> None:
+        """vLLM's NCCL trainer engine on this rank (rank 0 opens the group with the rollout workers via
+        ``client``; other ranks only join the gathers). Called on every rank together."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+        from corea.train.weight_sync import full_param_source
+
+        old = getattr(self, "_weight_transfer", None)
+        if old is not None:
+            old.shutdown()
+        source = full_param_source(self.named_full_params)
+        source.metadata()  # one lockstep pass on every rank, before rank 0 talks to the workers
+        info = NCCLTrainerInitInfo(master_address=master_address, master_port=int(master_port),
+                                   world_size=int(world_size), rank=self.rank)
+        self._weight_transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def send_weights(self, version: int) -> int:
+        """One transfer round: rank 0 drives start / update (concurrent with its broadcast) / finish with version
+        ``version``; the other ranks exhaust the parameter generator."""
+        transfer = getattr(self, "_weight_transfer", None)
+        if transfer is None:
+            raise RuntimeError("send_weights before init_weight_transfer")
+        transfer.client.version = int(version)
+        transfer.send_weights()
+        log.info("rank %d: weights version %d sent", self.rank, version)
+        return int(version)
 
 
 def free_port() -> int:

@@ -20,6 +20,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from corea.engines import SamplingParams
 from corea.train.actors import PolicyActor, ReferenceActor, RewardActor, RolloutWorker, rendezvous_address
 from corea.train.config import TrainConfig
+from corea.train.placement import rollout_engine_options, training_bundles
+from corea.train.weight_sync import make_weight_sync, wait_alive
 from corea.train.sequences import RolloutSequence
 
 log = logging.getLogger(__name__)
@@ -51,38 +53,14 @@ def _call_with_retry(call: Callable[[], Any], recover: Callable[[], None], what:
             recover()
 
 
-def nccl_ranks(rollout_workers: int, tensor_parallel_size: int) -> tuple[list[int], int]:
-    """Rank offsets of each rollout engine's workers and the group size: trainer rank 0, then each engine's
-    ``tensor_parallel_size`` workers in turn."""
-    offsets = [1 + i * tensor_parallel_size for i in range(rollout_workers)]
-    return offsets, 1 + rollout_workers * tensor_parallel_size
-
-
-def _until_alive(call: Callable[[], Any], what: str, timeout_s: float = 300.0) -> Any:
-    """``ray.get(call())``, repeated while the actor is restarting (it comes back with ``max_restarts``)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(call())
-        except ACTOR_FAILURES:
-            if time.monotonic() > deadline:
-                raise
-            log.info("%s is restarting; waiting", what)
-            time.sleep(1.0)
-
-
 class ClusterActors:
     """Every actor of one training run."""
 
     def __init__(self, cfg: TrainConfig, policy_path: str, reference_path: str, run_name: str):
         r = cfg.resources
         self.cfg = cfg
-        bundles = (
-            [{"CPU": r.rollout_cpus, "GPU": r.rollout_gpus} for _ in range(r.rollout_workers)]
-            + [{"CPU": r.trainer_cpus, "GPU": r.trainer_gpus} for _ in range(r.trainers)]
-            + [{"CPU": r.reference_cpus, "GPU": r.reference_gpus}]
-        )
-        bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.01} for b in bundles]
+        bundles = training_bundles(cfg)
+        engine_options = rollout_engine_options(cfg)  # checked before anything is placed
         self.pg = placement_group(bundles, strategy=r.placement_strategy, name=f"{run_name}-pg")
         try:
             ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -98,7 +76,7 @@ class ClusterActors:
             ray.remote(RolloutWorker)
             .options(name=f"{run_name}-rollout-{i}", num_cpus=r.rollout_cpus, num_gpus=r.rollout_gpus,
                      max_restarts=-1, scheduling_strategy=at(i))
-            .remote(policy_path, e.backend, e.options)
+            .remote(policy_path, e.backend, engine_options)
             for i in range(r.rollout_workers)
         ]
         self.reward = [
@@ -123,8 +101,10 @@ class ClusterActors:
                      scheduling_strategy=at(first_trainer + r.trainers))
             .remote(reference_path, cfg.optim.micro_batch_size)
         )
-        self._weights: tuple[Any, int] | None = None  # (object ref of the latest state dict, version)
-        self._specs: list | None = None  # tensors of the NCCL broadcast, once its group is set up
+        self.weights = make_weight_sync(
+            e.backend, r.trainer_gpus, self.policy, self.rollout, int(e.options.get("tensor_parallel_size", 1)),
+            lambda: rendezvous_address(at(first_trainer)), cfg.out_dir / "weights")
+        self.version = 0  # weight version the rollout workers hold
         # wait for every constructor (model loading, DeepSpeed start-up) so step times measure steps
         actors = [*self.rollout, *self.reward, *self.policy, self.reference]
         ready, waiting = ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors),
@@ -139,15 +119,12 @@ class ClusterActors:
 
     # --- rollout -------------------------------------------------------------------------------------------
     def _resync(self, worker) -> None:
-        if self._weights is not None:
-            ref, version = self._weights
-            _until_alive(lambda: worker.update_weights.remote(ref, version), "rollout worker")
-        else:
-            _until_alive(worker.version.remote, "rollout worker")
+        wait_alive(worker.version.remote, "rollout worker restarting")  # vLLM start-up can take minutes
+        self.weights.resync(worker)
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
         """n samples per prompt across the rollout pool, in prompt order, with the current weights."""
-        return self.collect(self.submit(prompts, params), self._weights[1] if self._weights else 0)
+        return self.collect(self.submit(prompts, params), self.version)
 
     def submit(self, prompts: Sequence[Any], params: SamplingParams) -> list[tuple]:
         """Start generating (each prompt's group stays whole on one worker); ``collect`` gathers the result."""
@@ -178,36 +155,11 @@ class ClusterActors:
             out.extend(result)
         return out
 
-    def uses_nccl(self) -> bool:
-        """vLLM rollout workers and GPU trainers: weights are broadcast over NCCL, else sent by object store."""
-        return self.cfg.engine.backend == "vllm" and self.cfg.resources.trainer_gpus > 0
-
-    def _init_nccl(self) -> None:
-        tp = int(self.cfg.engine.options.get("tensor_parallel_size", 1))
-        offsets, world = nccl_ranks(len(self.rollout), tp)
-        trainer_bundle = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=len(self.rollout))
-        addr, port = rendezvous_address(trainer_bundle)
-        ray.get([self.policy[0].init_weight_group.remote(addr, port, world)]
-                + [w.init_weight_group.remote(addr, port, off, world) for w, off in zip(self.rollout, offsets)])
-        self._specs = ray.get(self.policy[0].weight_specs.remote())
-
     def sync_weights(self, version: int) -> int:
-        """Policy rank 0's weights -> every rollout worker: NCCL broadcast on GPU (``uses_nccl``), else the
-        object store. The object-store copy is kept either way: a restarted worker is resynced from it."""
-        state_ref = self.policy[0].state_dict.remote()
-        if self.uses_nccl():
-            if self._specs is None:
-                self._init_nccl()
-            received = [w.receive_weights.remote(self._specs, version) for w in self.rollout]
-            ray.get([self.policy[0].broadcast_weights.remote(), *received])
-            self._weights = (state_ref, version)
-            return version
-        self._weights = (state_ref, version)
-        versions = [_until_alive(lambda w=w: w.update_weights.remote(state_ref, version), "rollout worker")
-                    for w in self.rollout]
-        if set(versions) != {version}:
-            raise RuntimeError(f"rollout workers report weight versions {versions}, expected {version}")
-        return version
+        """The policy's weights -> every rollout worker, with the strategy of ``corea.train.weight_sync``; every
+        policy rank takes part."""
+        self.version = self.weights.sync(version)
+        return self.version
 
     # --- reward --------------------------------------------------------------------------------------------
     def score(self, groups: Sequence[tuple]) -> list[list[dict]]:
