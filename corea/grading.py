@@ -256,7 +256,8 @@ class Grader:
             while jobs or active:
                 while jobs:
                     if jobs[0].gold in failed_golds:
-                        results.update(((jobs[0].gold, a), False) for a in jobs.popleft().answers)
+                        failed = jobs.popleft()
+                        results.update(((failed.gold, a), False) for a in failed.answers)
                         continue
                     if (worker := self._acquire(block=not active)) is None:
                         break
