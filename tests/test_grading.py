@@ -263,3 +263,20 @@ def test_closed_grader_refuses_work_and_default_is_recreated():
     assert grader.grade_answer("18", "18")  # the fast path needs no pool
     default = grading.get_grader()
     assert default is grading.get_grader() and not default.closed
+
+
+def test_choice_golds_are_normalized_at_load_time(tmp_path):
+    import json
+
+    from corea.data.loaders import load_qa
+
+    rows = [{"id": "a", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "(C) Alina"},
+            {"id": "b", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "B Cecile"},
+            {"id": "c", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "a"}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.gold for r in load_qa(path)] == ["C", "B", "A"]
+    for bad in ("Alina and the answer is\n(C) Alina", "(B) Alina", "D"):
+        path.write_text(json.dumps({**rows[0], "answer": bad}) + "\n")
+        with pytest.raises(ValueError, match="answer"):
+            load_qa(path)
