@@ -196,7 +196,7 @@ def _letter(row: Row, options: Sequence[str], *names: str) -> str:
         letter = None
     if letter is None and len(raw.strip()) > 1:
         raise row.error(f"field '{name}' must be a letter {', '.join(letters)}, '(X) text' or 'X text', got {raw!r}")
-    if letter not in letters:
+    if letter is None or letter not in letters:
         raise row.error(f"field '{name}' must be one of {', '.join(letters)}, got {raw!r}")
     text = " ".join(re.sub(r"^\(?[A-J]\)?[.):]?", "", raw.strip(), flags=re.I).split()).lower()
     option = " ".join(options[letters.index(letter)].split()).lower()
