@@ -280,3 +280,19 @@ def test_choice_golds_are_normalized_at_load_time(tmp_path):
         path.write_text(json.dumps({**rows[0], "answer": bad}) + "\n")
         with pytest.raises(ValueError, match="answer"):
             load_qa(path)
+
+
+def test_training_rewards_use_the_configured_deadline():
+    from corea.train.actors import RewardActor
+    from corea.train.config import RewardConfig
+
+    assert RewardConfig().grading_timeout_s == 1.0 < grading.TIMEOUT_S
+    with pytest.raises(ValueError):
+        RewardConfig(grading_timeout_s=0)
+    try:
+        actor = RewardActor("l1", None, RewardConfig(grading_timeout_s=0.5).grading_timeout_s)
+        assert grading.get_grader().timeout_s == 0.5
+        (rewards,) = actor.score([([r"\boxed{18} \confidence{1}", "19"], "18", "math", None)])
+        assert [r["correctness"] for r in rewards] == [1.0, 0.0]
+    finally:
+        grading.configure()

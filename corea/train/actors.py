@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import ray
 
 from corea.engines import SamplingParams, load_engine
+from corea import grading
 from corea.rewards import RewardWeights, batch_group_rewards
 from corea.train.policy import Policy, ReferenceModel
 
@@ -72,9 +73,10 @@ class RolloutWorker:
 class RewardActor:
     """Scores whole groups (responses, gold, kind, prompt) with ``corea.rewards``."""
 
-    def __init__(self, confidence_reward: str = "l1", weights: dict | None = None):
+    def __init__(self, confidence_reward: str = "l1", weights: dict | None = None, grading_timeout_s: float = 1.0):
         self.confidence_reward = confidence_reward
         self.weights = RewardWeights(**(weights or {}))
+        grading.configure(timeout_s=grading_timeout_s)  # this actor's grader: the training deadline
 
     def score(self, groups: Sequence[tuple[Sequence[str], str, str, str | None]]) -> list[list[dict]]:
         rewards = batch_group_rewards(
