@@ -74,3 +74,49 @@ def test_bootstrap_intervals_cover_point():
 def test_length_mismatch():
     with pytest.raises(ValueError):
         metrics.ece([0.5], [1, 0])
+
+
+def test_brier_matches_sklearn():
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(2)
+    conf = rng.random(200)
+    y = rng.random(200) < conf
+    assert metrics.brier(conf, y) == pytest.approx(brier_score_loss(y, conf))
+    with_missing = np.r_[conf, [np.nan, np.nan]]
+    assert metrics.brier(with_missing, np.r_[y, [True, False]]) == pytest.approx(brier_score_loss(y, conf))
+    assert metrics.brier([1.0, 0.0], [1, 0]) == 0.0 and math.isnan(metrics.brier([None], [1]))
+
+
+def test_aurc_hand_computed():
+    # sorted by confidence: 0.9 right, 0.8 wrong, 0.7 right, 0.6 wrong
+    # risk(k) = 0/1, 1/2, 1/3, 2/4 -> AURC = (0 + 1/2 + 1/3 + 1/2) / 4 = 1/3
+    conf, y = [0.7, 0.9, 0.6, 0.8], [1, 1, 0, 0]
+    coverage, risk = metrics.risk_coverage(conf, y)
+    assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert risk.tolist() == pytest.approx([0.0, 0.5, 1 / 3, 0.5])
+    assert metrics.aurc(conf, y) == pytest.approx(1 / 3)
+    # a perfect ranking: errors last -> risk 0, 0, 1/3 -> AURC 1/9; a missing confidence ranks last
+    assert metrics.aurc([0.9, 0.8, 0.1], [1, 1, 0]) == pytest.approx(1 / 9)
+    assert metrics.aurc([0.9, 0.8, None], [1, 1, 0]) == pytest.approx(1 / 9)
+    assert metrics.aurc([None, 0.8, 0.9], [0, 1, 1]) == pytest.approx(1 / 9)
+
+
+def test_aurc_ties_are_the_expectation_over_orders():
+    # one tie block of 2 (one right, one wrong) then a wrong: risk(1) = E[wrong of a random first] = 1/2,
+    # risk(2) = 1/2, risk(3) = 2/3
+    conf, y = [0.5, 0.5, 0.1], [1, 0, 0]
+    assert metrics.risk_coverage(conf, y)[1].tolist() == pytest.approx([0.5, 0.5, 2 / 3])
+    assert metrics.aurc(conf, y) == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    assert metrics.aurc(conf, y) == metrics.aurc([0.5, 0.5, 0.1], [0, 1, 0])  # order of the rows is irrelevant
+
+
+def test_selective_accuracy_at_coverage():
+    conf = [0.95, 0.9, 0.85, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    y = [1, 1, 1, 0, 1, 1, 0, 0, 1, 0]
+    assert metrics.selective_accuracy(conf, y, 0.5) == pytest.approx(4 / 5)  # top 5: 1 1 1 0 1
+    assert metrics.selective_accuracy(conf, y, 0.8) == pytest.approx(5 / 8)
+    assert metrics.selective_accuracy(conf, y, 1.0) == pytest.approx(metrics.pass_at_1(y))
+    assert metrics.selective_accuracy(conf, y, 0.01) == 1.0  # at least one response
+    with pytest.raises(ValueError):
+        metrics.selective_accuracy(conf, y, 0.0)
