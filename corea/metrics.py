@@ -20,6 +20,8 @@ ArrayLike = Sequence[float | None] | np.ndarray
 
 
 def _confidences(confidence: ArrayLike) -> np.ndarray:
+    if isinstance(confidence, np.ndarray) and confidence.dtype.kind == "f":
+        return confidence.astype(float, copy=False)
     return np.array([np.nan if c is None else c for c in confidence], dtype=float)
 
 

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -120,3 +121,38 @@ def test_selective_accuracy_at_coverage():
     assert metrics.selective_accuracy(conf, y, 0.01) == 1.0  # at least one response
     with pytest.raises(ValueError):
         metrics.selective_accuracy(conf, y, 0.0)
+
+
+def test_report_tables_summary_and_plot_carry_the_selective_metrics(tmp_path):
+    from test_evaluate_tables import RATIO, hand_records  # the hand-built records of the report tests
+
+    from corea.evaluate.config import MetricsConfig
+    from corea.evaluate.report import build_report
+    from corea.evaluate.tables import metric_vector
+
+    score = np.array([0.9, 0.8, np.nan, 0.4])
+    y = np.array([True, False, True, False])
+    vector = metric_vector(score, y)
+    assert vector[4:].tolist() == pytest.approx([metrics.brier(score, y), metrics.aurc(score, y),
+                                                 metrics.selective_accuracy(score, y, 0.5),
+                                                 metrics.selective_accuracy(score, y, 0.8)])
+    out = build_report(hand_records(), tmp_path / "report", size_ratio=RATIO, metrics=MetricsConfig(n_boot=20))
+    summary = json.loads((out / "summary.json").read_text())
+    corea = summary["systems"]["COREA"]["in_domain"]
+    assert {"brier", "aurc", "selective_accuracy_50", "selective_accuracy_80"} <= set(corea)
+    assert 0 <= corea["brier"] <= 1 and 0 <= corea["aurc"] <= 1 and corea["aurc_ci"][0] <= corea["aurc"]
+    report = (out / "report.md").read_text()
+    assert "| Brier (%) | AURC (%) | Sel@50 (%) | Sel@80 (%) |" in report
+    assert (out / "risk_coverage_in_domain.png").stat().st_size > 10_000 and "](risk_coverage_in_domain.png)" in report
+
+
+def test_training_step_metrics_carry_the_selective_metrics():
+    from corea.train.loop import step_metrics
+
+    rewards = [[{"confidence": c, "correctness": y, "total": 0.0, "format": 1.0, "confidence_reward": 0.0}
+                for c, y in ((0.9, 1.0), (0.2, 0.0), (None, 1.0), (0.6, 0.0))]]
+    rollouts = [{"samples": [{"token_ids": [1, 2], "finish_reason": "stop"}] * 4}]
+    out = step_metrics(rewards, rollouts)
+    conf, y = [0.9, 0.2, None, 0.6], [True, False, True, False]
+    assert out["brier"] == pytest.approx(metrics.brier(conf, y)) and out["aurc"] == pytest.approx(metrics.aurc(conf, y))
+    assert out["selective_accuracy@50"] == pytest.approx(0.5) and out["selective_accuracy@80"] == pytest.approx(2 / 4)
