@@ -16,8 +16,8 @@ predictions against latex2sympy and the verdicts against plain math-verify.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import replace
-from functools import lru_cache
 from itertools import groupby
 
 _PLAIN_INT = re.compile(r"(-?)(\d{1,40})")
@@ -26,9 +26,23 @@ _PLAIN_FRAC = re.compile(r"(-?)\\frac\{(\d{1,20})\}\{(\d{1,20})\}")
 _MAX_EXPR_DIGITS = 40
 
 
-@lru_cache(maxsize=1)
+_IMPORT_LOCK = threading.Lock()
+
+
 def _mv():
-    """math-verify's pieces, imported on first use (sympy takes a second to import)."""
+    """math-verify's pieces, imported on first use (sympy takes a second to import) by one thread at a time."""
+    if _MV:
+        return _MV[0]
+    with _IMPORT_LOCK:
+        if not _MV:
+            _MV.append(_load())
+    return _MV[0]
+
+
+_MV: list = []
+
+
+def _load():
     import sympy
     from latex2sympy2_extended.latex2sympy2 import normalize_latex
     from math_verify import grader, parser
