@@ -239,7 +239,7 @@ def main() -> None:
     clean = [([r for i, r in enumerate(rs) if (p, i) not in patho], g, k) for p, (rs, g, k) in enumerate(groups)]
     n = sum(len(rs) for rs, _, _ in groups)
     print(f"\nbatch: {len(groups)} prompts, {n} responses, {len(patho)} pathological; "
-          f"pool: {grading.Grader(args.workers).processes} workers, per-step deadline {grading.TIMEOUT_S} s")
+          f"pool: {grading.Grader(args.workers).processes} workers, per-response deadline {grading.TIMEOUT_S} s")
 
     # Runs interleave, so that a load change on a shared machine hits both sides: per repeat, corea with and
     # without the pathological responses, then one slice of the naive loop.
