@@ -208,10 +208,12 @@ def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, flo
     batch_group_rewards(warm)
     grader.warmup()  # a worker replaced during the warm-up batch has finished starting
     before = {pid: _cpu_s(pid) for pid in grader.worker_pids()}
+    stats = dict(grader.stats)
     cpu, start = time.process_time(), time.perf_counter()
     rewards = batch_group_rewards(groups)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     cpu += sum(_cpu_s(pid) - before.get(pid, 0.0) for pid in set(before) | set(grader.worker_pids()))
+    print(f"    corea paths: {({k: v - stats[k] for k, v in grader.stats.items()})}")
     return elapsed, cpu, [[r.correct for r in row] for row in rewards]
 
 
