@@ -67,13 +67,15 @@ KILL_GRACE_S = 2.0  #: extra time before a worker that misses its deadline is ki
 STARTUP_TIMEOUT_S = 120.0  #: time a new worker may take to import math-verify, seconds
 _CHUNK_MAX = 64  # responses sent to a worker at once (verdicts still come back one by one)
 _GOLD_CACHE = 4096  # prepared golds kept in-process
+_DECIDED_CACHE = 65536  # verdicts of (gold, first match) pairs kept in-process
 
 
 class _Job:
-    __slots__ = ("gold", "answers", "worker", "deadline", "gold_parsed", "done")
+    __slots__ = ("gold", "answers", "worker", "deadline", "gold_parsed", "done", "retried")
 
-    def __init__(self, gold: str, answers: list[str]):
+    def __init__(self, gold: str, answers: list[str], retried: bool = False):
         self.gold, self.answers, self.worker, self.deadline, self.gold_parsed, self.done = gold, answers, None, 0, 0, 0
+        self.retried = retried
 
 
 class _Gold:
@@ -94,7 +96,9 @@ class Grader:
     """A pool of ``processes`` math-verify workers, started on first need; every method is thread-safe.
 
     ``stats`` counts responses by path: ``fast`` (in-process), ``screened`` (rejected by the pre-screen in
-    this process), ``pool`` (sent to a worker), ``rejected``/``deadline`` (in a worker), ``killed`` workers."""
+    this process), ``cached`` (the verdict of an earlier response with the same first match, once a worker
+    found that match decides), ``pool`` (sent to a worker), ``rejected``/``deadline`` (in a worker), ``killed``
+    workers."""
 
     def __init__(self, processes: int | None = None, timeout_s: float = TIMEOUT_S,
                  memory_limit_mb: int | None = MEMORY_LIMIT_MB):
@@ -106,8 +110,9 @@ class Grader:
         self._workers: set[_Worker] = set()
         self._lock = threading.Lock()
         self._golds: OrderedDict[str, _Gold] = OrderedDict()
+        self._decided: OrderedDict[tuple, bool] = OrderedDict()  # (gold, first match) -> verdict
         self._started = self.closed = False
-        self.stats = dict.fromkeys(("fast", "screened", "pool", "rejected", "deadline", "killed"), 0)
+        self.stats = dict.fromkeys(("fast", "screened", "cached", "pool", "rejected", "deadline", "killed"), 0)
 
     def grade(self, response: str | bytes | None, gold: str, kind: str = "math") -> bool:
         """Grade a whole response against ``gold``."""
@@ -124,6 +129,7 @@ class Grader:
         """Verdicts for groups of (responses, gold, kind): fast path, pre-screen, then the pool for the rest."""
         verdicts: list[list[bool]] = []
         pending: dict[tuple[str, str], list[tuple[int, int]]] = {}  # distinct (gold, response) -> positions
+        by_key: dict[tuple, list[str]] = {}  # (gold, first match) -> its responses
         for gi, (responses, gold, kind) in enumerate(groups):
             if kind not in KINDS:
                 raise ValueError(f"unknown answer kind {kind!r}; choose from {KINDS}")
@@ -133,22 +139,49 @@ class Grader:
                 continue
             prepared, row = self._gold(_clean(gold) or ""), []
             for ri, response in enumerate(map(_clean, responses)):
-                verdict = self._in_process(response, prepared) if response else False
+                verdict, key = self._in_process(response, prepared) if response else (False, None)
                 if verdict is None:
-                    pending.setdefault((prepared.gold, response), []).append((gi, ri))
+                    if (response_key := (prepared.gold, response)) not in pending:
+                        group_key = ("match", prepared.gold, key) if key else ("response",) + response_key
+                        by_key.setdefault(group_key, []).append(response)
+                    pending.setdefault(response_key, []).append((gi, ri))
                 row.append(bool(verdict))
             verdicts.append(row)
         if pending:
-            self._count("pool", len(pending))
-            by_gold: dict[str, list[str]] = {}
-            for gold, response in pending:
-                by_gold.setdefault(gold, []).append(response)
-            size = max(1, min(_CHUNK_MAX, math.ceil(len(pending) / (2 * self.processes))))
-            jobs = deque(_Job(g, a[i : i + size]) for g, a in by_gold.items() for i in range(0, len(a), size))
-            for key, verdict in self._run(jobs).items():
+            results = self._pool({k: rs[:1] for k, rs in by_key.items()})  # one response per first match
+            rest = {}
+            for key, responses in by_key.items():
+                verdict, decided = results[(key[1], responses[0])]
+                if decided and key[0] == "match" and not any(pct for _, pct in key[2][1]):  # decided by the
+                    # first match (no percentage, whose conversion could still fail): the same for all of them
+                    results.update(((key[1], r), (verdict, True)) for r in responses[1:])
+                    self._remember(key[1:], verdict)
+                    self._count("cached", len(responses) - 1)
+                elif len(responses) > 1:
+                    rest[key] = responses[1:]
+            results.update(self._pool(rest))
+            for key, (verdict, _) in results.items():
                 for gi, ri in pending[key]:
                     verdicts[gi][ri] = verdict
         return verdicts
+
+    def _pool(self, by_key: dict[tuple, list[str]]) -> dict[tuple[str, str], tuple[bool, bool]]:
+        """(verdict, decided by the first match) of every response in ``by_key``'s values, graded by the workers."""
+        by_gold: dict[str, list[str]] = {}
+        for key, responses in by_key.items():
+            by_gold.setdefault(key[1], []).extend(responses)
+        n = sum(len(a) for a in by_gold.values())
+        if not n:
+            return {}
+        self._count("pool", n)
+        size = max(1, min(_CHUNK_MAX, math.ceil(n / (2 * self.processes))))
+        return self._run(deque(_Job(g, a[i : i + size]) for g, a in by_gold.items() for i in range(0, len(a), size)))
+
+    def _remember(self, key: tuple, verdict: bool) -> None:
+        with self._lock:
+            self._decided[key] = verdict
+            while len(self._decided) > _DECIDED_CACHE:
+                self._decided.popitem(last=False)
 
     def _gold(self, gold: str) -> _Gold:
         with self._lock:
@@ -166,27 +199,35 @@ class Grader:
         with self._lock:
             self.stats[key] += n
 
-    def _in_process(self, response: str, gold: _Gold) -> bool | None:
-        """The verdict when it needs no worker (fast path, no match, pre-screen), else None."""
+    def _in_process(self, response: str, gold: _Gold) -> tuple[bool | None, tuple | None]:
+        """(verdict, None) when no worker is needed (fast path, no match, pre-screen, a first match decided
+        before); else (None, the first match's key: its kind and the strings math-verify will parse)."""
         if len(response) > MAX_RESPONSE_CHARS:
             self._count("screened")
-            return False
+            return False, None
         try:
             found = grading_fast.first_candidate(response)
             if found is None or gold.parsed == []:  # nothing to compare: math-verify says False
                 self._count("fast")
-                return False
-            for text, _ in grading_fast.candidate_strings(*found):
+                return False, None
+            strings = grading_fast.candidate_strings(*found)
+            for text, _ in strings:
                 if prescreen(text, gold.gold, gold.limits) is not None:
                     self._count("screened")
-                    return False
+                    return False, None
             if gold.parsed is not None and (parsed := grading_fast.fast_parse(response, found)) is not None:
                 verdict = grading_fast.verify(gold.parsed, parsed)
                 self._count("fast")
-                return verdict
+                return verdict, None
+            key = (type(found[1]).__name__, tuple(strings))
+            with self._lock:
+                verdict = self._decided.get((gold.gold, key))
+            if verdict is not None:
+                self._count("cached")
+                return verdict, None
+            return None, key
         except Exception:  # anything unexpected: math-verify in a worker decides
-            return None
-        return None
+            return None, None
 
     def warmup(self) -> None:
         """Start every worker and wait until each has imported and warmed up math-verify."""
@@ -246,9 +287,10 @@ class Grader:
                     return None
         raise RuntimeError("the grader is closed")
 
-    def _run(self, jobs: deque[_Job]) -> dict[tuple[str, str], bool]:
-        """Send jobs to idle workers, collect per-answer verdicts, enforce the per-step deadlines."""
-        results: dict[tuple[str, str], bool] = {}
+    def _run(self, jobs: deque[_Job]) -> dict[tuple[str, str], tuple[bool, bool]]:
+        """Send jobs to idle workers, collect per-response (verdict, decided by the first match), enforce the
+        deadlines."""
+        results: dict[tuple[str, str], tuple[bool, bool]] = {}
         active: dict[Connection, _Job] = {}
         failed_golds: set[str] = set()
         step_s = self.timeout_s + KILL_GRACE_S
@@ -257,7 +299,7 @@ class Grader:
                 while jobs:
                     if jobs[0].gold in failed_golds:
                         failed = jobs.popleft()
-                        results.update(((failed.gold, a), False) for a in failed.answers)
+                        results.update(((failed.gold, a), (False, False)) for a in failed.answers)
                         continue
                     if (worker := self._acquire(block=not active)) is None:
                         break
@@ -285,7 +327,7 @@ class Grader:
                             elif message[0] == "gold":
                                 job.gold_parsed = True
                             else:
-                                results[(job.gold, job.answers[job.done])] = message[1]
+                                results[(job.gold, job.answers[job.done])] = (message[1], message[3])
                                 job.done += 1
                                 if message[2]:
                                     self._count(message[2])
@@ -302,11 +344,14 @@ class Grader:
                     self._count("killed")
                     if not job.worker.ready:
                         raise RuntimeError("a grading worker failed to start (is math-verify installed?)")
+                    if not job.gold_parsed and job.deadline == -1.0 and not job.retried:
+                        jobs.appendleft(_Job(job.gold, job.answers, retried=True))  # died (killed?): once more
+                        continue
                     if not job.gold_parsed:  # the gold itself is the culprit
                         failed_golds.add(job.gold)
-                        results.update(((job.gold, a), False) for a in job.answers)
+                        results.update(((job.gold, a), (False, False)) for a in job.answers)
                         continue
-                    results[(job.gold, job.answers[job.done])] = False
+                    results[(job.gold, job.answers[job.done])] = (False, False)
                     if rest := job.answers[job.done + 1 :]:
                         jobs.appendleft(_Job(job.gold, rest))
         finally:

@@ -41,14 +41,21 @@ class _Rejected(BaseException):
 
 
 def _install_guard(parser, screen: dict) -> None:
-    """Run ``prescreen`` on every string math-verify's extraction is about to parse (LaTeX or expression)."""
+    """Run ``prescreen`` on every string math-verify's extraction is about to parse (LaTeX or expression), and
+    record in ``screen["first"]`` whether the first one parsed. The first string parsed is the first group of
+    the first match tried; when it parses, that match is the extraction, so the verdict is a function of the
+    gold and that match's strings alone (the parent reuses it for responses with the same first match)."""
     for name in ("parse_latex_cached", "parse_expr_cached"):
         original = getattr(parser, name)
 
         def guarded(text, _original=original):
-            if screen.get("gold") is not None and prescreen(text, screen["gold"], screen["limits"]) is not None:
+            first, screen["first"] = screen["first"] is None, screen["first"] or False
+            if screen["gold"] is not None and prescreen(text, screen["gold"], screen["limits"]) is not None:
                 raise _Rejected()
-            return _original(text)
+            parsed = _original(text)  # raises when it does not parse: the first match then did not decide
+            if first:
+                screen["first"] = True
+            return parsed
 
         setattr(parser, name, guarded)
 
@@ -93,8 +100,8 @@ def _install_numeric_probe(grader_module) -> None:
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Worker loop: receive (gold, responses, timeout_s); send ("gold",), then ("answer", verdict, note) per
-    response, note being "", "rejected" (pre-screen) or "deadline"."""
+    """Worker loop: receive (gold, responses, timeout_s); send ("gold",), then ("answer", verdict, note, decided)
+    per response, note being "", "rejected" (pre-screen) or "deadline", decided: its first match parsed."""
     import logging
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -122,7 +129,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
     signal.signal(signal.SIGALRM, on_alarm)
     if hasattr(math_verify.grader, "sympy_symbolic_eq"):
         _install_numeric_probe(math_verify.grader)
-    screen: dict = {"gold": None, "limits": None}
+    screen: dict = {"gold": None, "limits": None, "first": None}
     _install_guard(math_verify.parser, screen)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -151,7 +158,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         conn.send(("gold",))
         screen["gold"], screen["limits"] = gold, _limits(gold)
         for response in responses:
-            note = ""
+            note, screen["first"] = "", None
             try:
                 verdict = _within(timeout_s, judge, parsed, response)
             except _Deadline:
@@ -160,7 +167,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
                 verdict, note = False, "rejected"
             except Exception:
                 verdict = False
-            conn.send(("answer", verdict, note))
+            conn.send(("answer", verdict, note, note == "" and screen["first"] is True))
 
 
 def _worker_entry() -> None:
