@@ -24,6 +24,7 @@ _PLAIN_INT = re.compile(r"(-?)(\d{1,40})")
 _PLAIN_DECIMAL = re.compile(r"(-?)(\d{1,20}\.\d{1,20})")
 _PLAIN_FRAC = re.compile(r"(-?)\\frac\{(\d{1,20})\}\{(\d{1,20})\}")
 _MAX_EXPR_DIGITS = 40
+_EXPR_NUMBER = re.compile(r"-?(?:[1-9]\d*|0)(?:\.\d+)?")
 
 
 _IMPORT_LOCK = threading.Lock()
@@ -92,9 +93,8 @@ def _plain_number(s: str):
     sympy = _mv()[0]
     if m := _PLAIN_INT.fullmatch(s) or _PLAIN_DECIMAL.fullmatch(s):
         digits = m.group(2)
-        if digits.isdigit():
-            digits = digits.lstrip("0") or "0"
-        value = sympy.Number(digits)
+        # sympy.Number(digits), without its string parser: Integer, or Float at the string's own precision
+        value = sympy.Integer(int(digits)) if digits.isdigit() else sympy.Float(digits)
     elif (m := _PLAIN_FRAC.fullmatch(s)) and int(m.group(3)) != 0:
         value = sympy.Rational(int(m.group(2)), int(m.group(3)))
     else:
@@ -121,10 +121,19 @@ def fast_parse(text: str, found=False):
     groups = match.groupdict()
     if groups.get("expr") or sum(len(v) for n, v in groups.items() if v and n != "percent") > _MAX_EXPR_DIGITS:
         return None
-    value, fallback = parser.extract_expr(match)  # numbers only: sympy.Number of the digits, no parsing
-    if value is None:
+    integer = next((v for n, v in groups.items() if n.startswith("integer") and v), "")
+    decimal = next((v for n, v in groups.items() if n.startswith("decimal") and v), "")
+    integer = integer.translate(str.maketrans("", "", ", ")).lstrip("0") or "0"  # as parser.extract_expr
+    text = f"{integer}{decimal.replace(',', '.')}"
+    if not _EXPR_NUMBER.fullmatch(text):
         return None
-    return [value, fallback] if fallback else [value]
+    sympy = _mv()[0]
+    value = sympy.Integer(int(text)) if decimal == "" else sympy.Float(text)  # = sympy.Number(text)
+    if groups.get("percent"):
+        from latex2sympy2_extended.latex2sympy2 import convert_to_pct
+
+        value = convert_to_pct(value)
+    return [value, text]
 
 
 def verify(gold: list, prediction: list) -> bool:
