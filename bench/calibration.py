@@ -51,8 +51,7 @@ def evaluate(model_path: str, records: list[Record], samples: int = 4, temperatu
     gens = engine.generate([r.messages() for r in records],
                            SamplingParams(n=samples, temperature=temperature, max_tokens=16, seed=1234))
     texts = [[s.text for s in g.samples] for g in gens]
-    verdicts = grading.grade_groups([([parse_response(t).answer for t in ts], r.gold, r.kind)
-                                     for ts, r in zip(texts, records)])
+    verdicts = grading.grade_groups([(ts, r.gold, r.kind) for ts, r in zip(texts, records)])
     conf = [parse_response(t).confidence for ts in texts for t in ts]
     correct = [v for vs in verdicts for v in vs]
     taught = [r.meta["taught"] for r in records for _ in range(samples)]

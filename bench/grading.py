@@ -1,25 +1,31 @@
-"""Benchmark: grading a rollout batch, naive math-verify loop vs corea's batched grader.
+"""Benchmark: grading a rollout batch, naive math-verify loop vs corea's batched grader; pathological answers.
 
 Batch: ``--prompts`` x ``--group-size`` responses (default 1024 x 8 = 8,192). Gold answers are drawn from
 MATH-500, GSM8K and the DeepMath-style sample (``/work/shared/data`` when present, else the shipped
 fixtures). Each response's answer is the gold (sometimes an equivalent rewrite), a perturbed answer (number + 1,
 swapped fraction, another number or a changed expression, another question's gold) or, for 2% of them, a
 pathological answer (power towers, huge powers and factorials, 10,000 nested braces, a 1 MB answer, invalid
-UTF-8). Each answer is wrapped as a full response ``... \\boxed{ans} \\confidence{0.8}``.
+UTF-8). Each answer is wrapped as a whole response: 70% ``... \\boxed{ans} \\confidence{0.8}``, 10% without a
+box (``So the final answer is $ans$.``), 10% a first box, a long correction, then ``\\boxed{ans}``, 10% a
+``<think>`` block first; correctness is read from the whole response.
 
-(a) naive: ``math_verify.verify(math_verify.parse(gold), math_verify.parse(response))`` per response, one after
-    another in the main thread, math-verify's default settings (signal-based timeouts); the gold is parsed as
-    ``\\boxed{gold}``. Pathological responses get corea's pre-screen instead (math-verify alone can hang on
-    them: its alarm cannot interrupt a C-level big-integer power).
+(a) naive: ``math_verify.verify(math_verify.parse(math_gold_text(gold)), math_verify.parse(response))`` per
+    response, one after another in the main thread, math-verify's default settings (signal-based timeouts);
+    ``math_gold_text(gold)`` is ``\\boxed{gold}``. Pathological responses get corea's pre-screen instead
+    (math-verify alone can hang on them: its alarm cannot interrupt a C-level big-integer power).
 (b) corea: ``corea.rewards.batch_group_rewards(groups)`` (parse, grade, rewards) with a fresh worker pool per
     run, started and warmed up before the clock starts: pool start-up is excluded. Timed with and without the
     pathological responses; pathological_overhead = (t_with - t_clean) / t_clean. Medians over ``--repeats``;
     the naive loop runs in ``--repeats`` slices interleaved with them (a shared machine's load hits both).
 Warm-up: both (a) and (b) first grade an untimed batch of 256 prompts drawn from the other half of the gold rows
 (math-verify's ANTLR parser and sympy warm up over their first calls; no timed prompt's gold is cached).
+(c) pathological: 200 pathological responses (the list above plus integrals, sums, products, limits and
+    derivatives with large parameters; bare, boxed and after "final answer is") graded by ``grade`` from 8
+    threads with a fresh pool: wall time, verdicts, and whether any reached a worker.
+The 1-minute load average is printed beside each figure (the machine may be shared).
 
     python bench/grading.py [--prompts 1024] [--group-size 8] [--seed 0] [--repeats 3] [--workers N]
-                            [--json out.json]
+                            [--only-pathological] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ SOURCES = {"math500": ("math500.jsonl", "math500.jsonl"), "gsm8k": ("gsm8k.jsonl
 PATHOLOGICAL = [
     "9^{9^{9^{9}}}", "(x+1)^{100000}", "{" * 10_000 + "1" + "}" * 10_000, "7" * 1_000_000, b"\xff\xfe\xfd12",
     "100000000!", "10^{10^{10}}", "(a+b+c+d)^{50}", "2^{2^{2^{2^{2^{2}}}}}", "x" * 200_000,
+]
+CALCULUS = [
+    r"\int_0^{\infty} e^{-x^{1000}} dx", r"\sum_{n=1}^{100000} \frac{1}{n^{3}}",
+    r"\prod_{k=1}^{5000} \left(1 + \frac{1}{k^2}\right)", r"\lim_{n \to \infty} \left(1 + \frac{1}{n}\right)^{n^{500}}",
+    r"\int_0^1 \int_0^1 \int_0^1 \int_0^1 x y z w \, dx\, dy\, dz\, dw", r"\frac{d^{200}}{dx^{200}} \sin(x^{300})",
+    r"\sum_{k=0}^{10^{9}} \binom{10^{9}}{k}", r"\int_{-1000}^{1000} \sin(x^{999}) dx",
 ]
 
 
@@ -82,6 +94,50 @@ def perturb(gold: str, pool: list[str], rng: random.Random) -> str:
     return rng.choice(pool)
 
 
+def wrap(answer: str | bytes, roll: float, other: str) -> str | bytes:
+    """A whole response around ``answer`` (see the module docstring for the shapes)."""
+    head = "Let me reason step by step.\nSo the final answer is "
+    if isinstance(answer, bytes):
+        return head.encode() + b"\\boxed{" + answer + b"}\n\\confidence{0.8}"
+    if roll < 0.7:
+        return f"{head}\\boxed{{{answer}}}\n\\confidence{{0.8}}"
+    if roll < 0.8:
+        return f"Let me reason step by step.\nSo the final answer is ${answer}$.\n\\confidence{{0.6}}"
+    if roll < 0.9:
+        return (f"First I get \\boxed{{{other}}}. Checking this against the second condition shows a mistake in "
+                f"the sign of the middle term, so I redo the computation.\nThe answer is \\boxed{{{answer}}}\n"
+                "\\confidence{0.5}")
+    return f"<think>\nMaybe {other}? Let me check again.\n</think>\nThe answer is \\boxed{{{answer}}} \\confidence{{0.9}}"
+
+
+def pathological_run(workers: int | None) -> dict:
+    """(c): 200 pathological responses from 8 threads, a fresh pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from corea import grading
+
+    answers = [b"\xff\xfe\xfd 9^{9^{9^{9}}}" if isinstance(a, bytes) else a for a in PATHOLOGICAL] + CALCULUS
+    jobs = []
+    for i in range(200):
+        a = answers[i % len(answers)]
+        if isinstance(a, bytes):
+            jobs.append((b"so \\boxed{" + a + b"}", "2"))
+        else:
+            jobs.append(([a, f"so \\boxed{{{a}}} \\confidence{{0.9}}", f"The final answer is ${a}$."][i % 3],
+                         ["2", "x^2 + 1", "\\frac{1}{2}", "1"][i % 4]))
+    load = os.getloadavg()[0]
+    with grading.Grader(processes=workers) as grader, ThreadPoolExecutor(8) as threads:
+        start = time.perf_counter()
+        verdicts = list(threads.map(lambda job: grader.grade(*job), jobs))
+        elapsed = time.perf_counter() - start
+        reached = len(grader.worker_pids())
+        stats = dict(grader.stats)
+    print(f"(c) pathological: {len(jobs)} responses from 8 threads in {elapsed:.3f} s (load {load:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}); correct: {sum(verdicts)}; workers started: {reached}; paths: {stats}")
+    return {"pathological_s": elapsed, "pathological_n": len(jobs), "pathological_correct": sum(verdicts),
+            "pathological_workers_started": reached, "pathological_load": load}
+
+
 def build(prompts: int, group_size: int, pool: list[str], rng: random.Random) -> tuple[list, set]:
     groups, patho, k = [], set(), 0
     golds = rng.sample(pool, prompts) if prompts <= len(pool) else [rng.choice(pool) for _ in range(prompts)]
@@ -96,11 +152,7 @@ def build(prompts: int, group_size: int, pool: list[str], rng: random.Random) ->
                 answer = equivalent(gold, rng)
             else:
                 answer = perturb(gold, pool, rng)
-            head = "Let me reason step by step.\nSo the final answer is "
-            if isinstance(answer, bytes):
-                responses.append(head.encode() + b"\\boxed{" + answer + b"}\n\\confidence{0.8}")
-            else:
-                responses.append(f"{head}\\boxed{{{answer}}}\n\\confidence{{0.8}}")
+            responses.append(wrap(answer, rng.random(), rng.choice(pool)))
         groups.append((responses, gold, "math"))
     return groups, patho
 
@@ -119,7 +171,7 @@ def batches(prompts: int, group_size: int, seed: int) -> tuple[list, set, list]:
 def naive(groups: list, patho: set) -> tuple[float, float, list[list[bool]]]:
     import math_verify
 
-    from corea.grading import prescreen
+    from corea.grading import math_gold_text, prescreen
     from corea.protocol import parse_response
 
     out = []
@@ -131,7 +183,7 @@ def naive(groups: list, patho: set) -> tuple[float, float, list[list[bool]]]:
                 answer = parse_response(response).answer or ""
                 row.append(False if prescreen(answer, gold) else None)  # None: the pre-screen let it through
             else:
-                row.append(bool(math_verify.verify(math_verify.parse("\\boxed{" + gold + "}"),
+                row.append(bool(math_verify.verify(math_verify.parse(math_gold_text(gold)),
                                                    math_verify.parse(response))))
         out.append(row)
     return time.perf_counter() - start, time.process_time() - cpu, out
@@ -156,10 +208,12 @@ def corea_run(groups: list, warm: list, workers: int | None) -> tuple[float, flo
     batch_group_rewards(warm)
     grader.warmup()  # a worker replaced during the warm-up batch has finished starting
     before = {pid: _cpu_s(pid) for pid in grader.worker_pids()}
+    stats = dict(grader.stats)
     cpu, start = time.process_time(), time.perf_counter()
     rewards = batch_group_rewards(groups)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     cpu += sum(_cpu_s(pid) - before.get(pid, 0.0) for pid in set(before) | set(grader.worker_pids()))
+    print(f"    corea paths: {({k: v - stats[k] for k, v in grader.stats.items()})}")
     return elapsed, cpu, [[r.correct for r in row] for row in rewards]
 
 
@@ -170,17 +224,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="grader processes (default: os.cpu_count())")
+    parser.add_argument("--only-pathological", action="store_true", help="run (c) only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     from corea import grading
 
     print(__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0])
+    figures = pathological_run(args.workers)
+    if args.only_pathological:
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return
+    load_start = os.getloadavg()[0]
     groups, patho, warm = batches(args.prompts, args.group_size, args.seed)
     clean = [([r for i, r in enumerate(rs) if (p, i) not in patho], g, k) for p, (rs, g, k) in enumerate(groups)]
     n = sum(len(rs) for rs, _, _ in groups)
     print(f"\nbatch: {len(groups)} prompts, {n} responses, {len(patho)} pathological; "
-          f"pool: {grading.Grader(args.workers).processes} workers, per-step deadline {grading.TIMEOUT_S} s")
+          f"pool: {grading.Grader(args.workers).processes} workers, per-response deadline {grading.TIMEOUT_S} s")
 
     # Runs interleave, so that a load change on a shared machine hits both sides: per repeat, corea with and
     # without the pathological responses, then one slice of the naive loop.
@@ -220,8 +281,10 @@ def main() -> None:
         print(f"  differ: gold={gold!r} answer={answer!r} naive={a} corea={b}")
     speedup, cpu_ratio, overhead = t_naive / t_with, cpu_naive / cpu_with, (t_with - t_clean) / t_clean
     cpu_overhead = (cpu_with - cpu_clean) / cpu_clean
+    load_end = os.getloadavg()[0]
     print(f"\nspeedup = naive / corea = {speedup:.2f}x wall ({cpu_ratio:.2f}x in CPU seconds); "
-          f"pathological_overhead = {overhead:+.3f} wall ({cpu_overhead:+.3f} in CPU seconds)")
+          f"pathological_overhead = {overhead:+.3f} wall ({cpu_overhead:+.3f} in CPU seconds); "
+          f"1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end")
     if args.json:
         args.json.write_text(json.dumps({
             "naive_s": t_naive, "corea_s": t_with, "corea_clean_s": t_clean, "speedup": speedup,
@@ -230,6 +293,7 @@ def main() -> None:
             "pathological_overhead": overhead, "responses": n, "prompts": len(groups),
             "pathological": len(patho), "agree": agree, "compared": total, "differ": len(differ),
             "workers": grading.Grader(args.workers).processes, "repeats": args.repeats,
+            "load_start": load_start, "load_end": load_end, **figures,
         }, indent=2))
         print(f"wrote {args.json}")
 

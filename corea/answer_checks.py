@@ -1,38 +1,27 @@
-"""Cheap, in-process answer checks: the fast path and the pre-screen of ``corea.grading``.
+"""Cheap, in-process answer checks of ``corea.grading``: gold rules, the pre-screen, multiple choice.
 
-Fast path (no sympy): plain numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``, thousands commas, ``\\$``,
-``\\%``, a trailing ``\\text{unit}``), choice letters, word answers and answers spelled like the gold.
-Pre-screen: an answer that would make sympy hang is rejected in microseconds (see ``prescreen``).
+- ``math_gold_text``: the string math-verify parses for a math gold (``\\boxed{gold}``).
+- ``prescreen``: an expression that would make sympy hang is rejected in microseconds, by its text alone.
+- ``extract_choice`` / ``normalize_choice_gold``: the option letter of a response, as evaluation harnesses read
+  it, and of a gold written ``X``, ``(X) text`` or ``X text``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from fractions import Fraction
 
 KINDS = ("math", "choice")
+CHOICE_LETTERS = "ABCDEFGHIJ"
 MAX_NESTING = 50  #: deepest bracket nesting graded
 MAX_EXPONENT_LOG10 = 5.0  #: largest exponent graded: 1e5
 MAX_MONOMIALS_LOG10 = math.log10(500)  #: largest expansion of (a + b + ...)^n graded, in monomials
 MAX_FACTORIAL_LOG10 = 5.0  #: largest factorial argument graded: 1e5
+MAX_CALCULUS_LOG10 = 2.0  #: largest number or exponent inside an integral, sum, product or limit: 100
+MAX_CALCULUS_OPERATORS = 2  #: most integrals, sums, products and limits in one expression
+MAX_RESPONSE_CHARS = 64_000  #: longest response graded (4,096 tokens are ~16,000 characters)
 
-# ------------------------------------------------------------------------------------------------ fast path
-_WRAP = re.compile(r"\\(?:boxed|fbox|text|textbf|textrm|textnormal|textit|mathrm|mathbf|mbox)\s*\{")
 _BRACE = re.compile(r"\\[{}]|[{}]")
-_SPACING = re.compile(r"\\[,;:! ]|\\q?quad|~")
-_UNIT = re.compile(r"\s*\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{\s*[A-Za-z][A-Za-z .]*\}(?:\s*\^\s*\{?\d\}?)?$")
-_DEGREE = re.compile(r"\s*(?:\^\s*\{?\\circ\}?|\u00b0)$")
-_INT = r"(?:\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)"
-_DECIMAL = re.compile(rf"([+-]?)\s*({_INT}(?:\.\d+)?|\.\d+)")
-_FRAC = re.compile(r"([+-]?)\s*\\[dtc]?frac\s*(?:\{\s*([+-]?)\s*(\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
-_SLASH = re.compile(r"([+-]?)\s*(\d+)\s*/\s*(\d+)")
-_WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
-_WORD_GOLDS = {"yes", "no", "true", "false"}
-_PREFIX = re.compile(r"(?:the\s+)?(?:(?:correct\s+)?answer|option|choice)(?:\s+is)?\s*:?\s*", re.I)
-_LETTER = re.compile(r"\(([A-J])\)|([A-J])([.):])?")
-_CANON_CMD = re.compile(r"\\[dt]frac|\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\[,;:!]")
-_CANON_SPACE = re.compile(r"(?<![A-Za-z0-9])\s+|\s+(?![A-Za-z0-9])")
 
 
 def _clean(text: str | bytes | None) -> str | None:
@@ -62,107 +51,61 @@ def _closing_brace(s: str, start: int = 0) -> int | None:
     return None
 
 
-def _unwrap(s: str) -> str:
-    """Strip surrounding ``$`` and whole-string ``\\boxed{}``/``\\text{}``-like wrappers."""
-    for _ in range(8):
-        s = s.strip()
-        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
-            s = s.strip("$")
-        elif (m := _WRAP.match(s)) and _closing_brace(s, m.end() - 1) == len(s) - 1:
-            s = s[m.end() : -1]
-        else:
-            break
-    return s
+_MATH_WRAP = re.compile(r"^(?:\$\$([^$]*)\$\$|\$([^$]*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$", re.DOTALL)
 
 
-def _number(s: str) -> tuple[Fraction, bool, bool] | None:
-    """(value, written with a decimal point, percent) of a plain number, or None."""
-    s = _SPACING.sub(" ", _unwrap(s)).strip()
-    s = _DEGREE.sub("", _UNIT.sub("", s[2:] if s.startswith("\\$") else s)).strip()
-    pct = s.endswith("%")
-    if pct:
-        s = (s[:-2] if s.endswith("\\%") else s[:-1]).strip()
-    if m := _DECIMAL.fullmatch(s):
-        value = Fraction(m.group(2).replace("{,}", "").replace(",", ""))
-        return (-value if m.group(1) == "-" else value), "." in m.group(2), pct
-    if (m := _FRAC.fullmatch(s)) or (m := _SLASH.fullmatch(s)):
-        g = m.groups()
-        num, den = ((g[1] or "") + (g[2] or g[3]), g[4] or g[5]) if len(g) == 6 else (g[1], g[2])
-        if int(den) == 0:
-            return None
-        return (-1 if g[0] == "-" else 1) * Fraction(int(num), int(den)), False, pct
-    return None
+def math_gold_text(gold: str) -> str:
+    """What math-verify parses for a gold answer: ``\\boxed{gold}`` (its boxed extraction and normalization
+    apply), or ``$gold$`` when the braces do not balance; a whole-string ``$...$``, ``\\(...\\)`` or
+    ``\\[...\\]`` around the gold is removed first. ``grade_answer`` wraps a bare answer the same way."""
+    gold = gold.strip()
+    if m := _MATH_WRAP.match(gold):
+        gold = next(g for g in m.groups() if g is not None).strip()
+    if _closing_brace("{" + gold + "}") == len(gold) + 1:
+        return "\\boxed{" + gold + "}"
+    return "$" + gold + "$"
 
 
-def _numbers_equal(gold: tuple[Fraction, bool, bool], answer: tuple[Fraction, bool, bool]) -> bool | None:
-    """Math-verify's number rules; None where only its own float rounding can tell."""
-    (g, g_dec, g_pct), (a, a_dec, a_pct) = gold, answer
-    if not (g_dec or a_dec) and g.denominator == 1 and a.denominator == 1:
-        return g == a
-    g, a = (g / 100 if g_pct else g), (a / 100 if a_pct else a)
-    if g == a or not (g_dec or a_dec):
-        return g == a
-    return None if abs(g - a) < Fraction(1, 10**6) or max(abs(g), abs(a)) >= 10**9 else False
+# ---------------------------------------------------------------------------------------------- choice
+_L = f"[{CHOICE_LETTERS}]"
+_GOLD_LETTER = re.compile(rf"\(({_L})\)(?:\s+\S.*)?|({_L})(?:[.):]?\s+\S.*|[.):]?)", re.DOTALL)
+_BOXED_LETTER = re.compile(rf"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{{)?\s*\(?({_L})\)?\s*\}}?\s*(?:[.:)]\s*\S.*)?", re.DOTALL)
+_ANSWER_IS = re.compile(rf"(?i:answer\s+is)\b[^\n.]{{0,40}}?(?<![A-Za-z])\(?({_L})\)?(?![A-Za-z0-9])")
+_ANSWER_COLON = re.compile(rf"(?i:answer)\s*:\s*(?:\*\*)?\s*\(?({_L})\)?(?![A-Za-z0-9])")
+_LEADING = re.compile(rf"\s*(?:\*\*)?\s*(?:\(({_L})\)|({_L})(?:[.):]|\s*$))")
+_STANDALONE = re.compile(rf"(?<![A-Za-z0-9\\])\(?({_L})\)?(?![A-Za-z0-9])")
 
 
-def _choice_letter(s: str) -> str | None:
-    """The letter of ``B``, ``(B)``, ``B.``, ``\\text{B}``, ``\\boxed{B}``, ``B) text``; None otherwise."""
-    s = _unwrap(_PREFIX.sub("", _unwrap(s), count=1)).strip("* ")
-    if not (m := _LETTER.match(s)):
+def normalize_choice_gold(gold: str) -> str:
+    """The letter of a multiple-choice gold written ``X``, ``(X) text`` or ``X text`` (also ``X.``/``X)``);
+    a bare lowercase letter is accepted. Anything else raises ``ValueError``."""
+    text = str(gold).strip()
+    if len(text) == 1 and text.upper() in CHOICE_LETTERS:
+        return text.upper()
+    if m := _GOLD_LETTER.fullmatch(text):
+        return m.group(1) or m.group(2)
+    raise ValueError(f"a choice gold must be a letter A-J, '(X) text' or 'X text', got {gold!r}")
+
+
+def extract_choice(response: str | bytes | None) -> str | None:
+    """The option letter a response chooses, read as evaluation harnesses read it, first rule that applies:
+    a letter in the last ``\\boxed{}``; the last "answer is X" (a few words may come between); the last
+    "answer: X"; a leading "X." / "X)" / "(X)" (or the whole response "X"); the last standalone letter A-J."""
+    from corea.protocol import parse_response
+
+    text = _clean(response)
+    if not text:
         return None
-    rest, letter = s[m.end() :], m.group(1) or m.group(2)
-    separated = m.group(1) is not None or m.group(3) is not None
-    return letter if not rest.strip() or (separated and rest[0].isspace()) else None
-
-
-def _canonical(s: str) -> str:
-    """Spelling variants removed: \\dfrac -> \\frac, no \\left/\\right, spaces only between alphanumerics."""
-    s = _CANON_CMD.sub(lambda m: "\\frac" if m.group().endswith("frac") else " ", _unwrap(s))
-    return _CANON_SPACE.sub("", s)
-
-
-def _word(s: str) -> str | None:
-    s = _unwrap(s).rstrip(".").strip()
-    return s.lower() if len(s) <= 64 and _WORD.fullmatch(s) else None
-
-
-class _Gold:
-    """A gold answer prepared once per group: its fast-path forms and pre-screen limits."""
-
-    def __init__(self, gold: str | bytes, kind: str):
-        if kind not in KINDS:
-            raise ValueError(f"unknown answer kind {kind!r}; choose from {KINDS}")
-        self.kind, self.text, self._limits = kind, _clean(gold) or "", None
-        self.letter = _choice_letter(self.text)
-        if kind == "choice" and self.letter is None:
-            raise ValueError(f"a choice gold must be a letter A-J, got {gold!r}")
-        bare = _unwrap(self.text)
-        if kind == "math" and not re.fullmatch(r"\([A-J]\)", bare):
-            self.letter = None  # a bare capital is a variable; only (C) or \text{(C)} is a choice
-        self.number, word, self.canonical = _number(self.text), _word(self.text), _canonical(self.text)
-        wrapped = bare != self.text.strip("$ ")
-        self.word = word if word is not None and (wrapped or word in _WORD_GOLDS) else None
-
-    def fast(self, answer: str) -> bool | None:
-        """The verdict when no sympy is needed, else None."""
-        if self.kind == "choice":
-            return _choice_letter(answer) == self.letter
-        if len(answer) > max(20 * len(self.text), 500):
-            return False
-        if _canonical(answer) == self.canonical:
-            return True
-        if self.number is not None:
-            if (number := _number(answer)) is not None:
-                return _numbers_equal(self.number, number)
-            if (word := _word(answer)) is not None and len(word) > 1:
-                return False  # a word ("Yes", "none") is never a number
-        if self.letter is not None and (letter := _choice_letter(answer)) is not None:
-            return letter == self.letter
-        return None if self.word is None else _word(answer) == self.word
-
-    def rejects(self, answer: str) -> bool:
-        self._limits = self._limits or _limits(self.text)
-        return prescreen(answer, self.text, self._limits) is not None
+    boxed = parse_response(text).answer
+    if boxed is not None and (m := _BOXED_LETTER.fullmatch(boxed)):
+        return m.group(1)
+    for pattern in (_ANSWER_IS, _ANSWER_COLON):
+        if found := list(pattern.finditer(text)):
+            return found[-1].group(1)
+    if m := _LEADING.match(text):
+        return m.group(1) or m.group(2)
+    found = list(_STANDALONE.finditer(text))
+    return found[-1].group(1) if found else None
 
 
 # ------------------------------------------------------------------------------------------------ pre-screen
@@ -286,23 +229,51 @@ def _measures(s: str) -> tuple[float, float, float, int]:
     return exp_lg, mono_lg, fact_lg, deepest
 
 
-def _limits(gold: str) -> tuple[float, float, float]:
+_CALCULUS = re.compile(r"\\(?:i{1,3}nt|oint|sum|prod|coprod|lim(?:sup|inf)?)(?![A-Za-z])|\\frac\s*\{\s*(?:d|\\partial)\b")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _log10_literal(n: str) -> float:
+    digits = n.split(".")[0].lstrip("0")
+    return float(len(digits)) if len(digits) > 300 else math.log10(max(float(n), 1.0))
+
+
+def _calculus(s: str, exp_lg: float) -> tuple[int, float]:
+    """Integrals, sums, products, limits and derivatives in ``s``, and log10 of its largest number or exponent
+    (0 when it has no such operator)."""
+    count = len(_CALCULUS.findall(s))
+    if not count:
+        return 0, 0.0
+    numbers = [_log10_literal(n) for n in _NUMBER.findall(s)]
+    return count, max([exp_lg, *numbers])
+
+
+def _limits(gold: str) -> tuple[float, ...]:
+    """The pre-screen's limits for answers to ``gold``: the defaults, or twice the gold's own figures."""
     exp_lg, mono_lg, fact_lg, _ = _measures(gold) if len(gold) < 10_000 else (0.0, 0.0, 0.0, 0)
+    count, calc_lg = _calculus(gold, exp_lg) if len(gold) < 10_000 else (0, 0.0)
     slack = math.log10(2)
     return (max(MAX_EXPONENT_LOG10, exp_lg + slack), max(MAX_MONOMIALS_LOG10, mono_lg + slack),
-            max(MAX_FACTORIAL_LOG10, fact_lg + slack))
+            max(MAX_FACTORIAL_LOG10, fact_lg + slack), max(MAX_CALCULUS_LOG10, calc_lg + slack),
+            max(MAX_CALCULUS_OPERATORS, count))
 
 
-def prescreen(answer: str, gold: str, limits: tuple[float, float, float] | None = None) -> str | None:
-    """Why ``answer`` is rejected without sympy (a short reason), or None when it may be graded."""
-    if len(answer) > max(20 * len(gold), 500):
+def prescreen(answer: str, gold: str, limits: tuple[float, ...] | None = None) -> str | None:
+    """Why the expression ``answer`` is rejected without sympy (a short reason), or None when it may be parsed.
+
+    Rejected: longer than max(20 * len(gold), 1000) characters, brackets nested deeper than 50, an exponent
+    above 1e5 (power towers included), a symbolic power expanding to more than 500 monomials, a factorial of
+    more than 1e5, an integral, sum, product, limit or derivative holding a number or exponent above 100, or
+    more than two of them. A limit grows to twice the gold's own figure when the gold itself is that large."""
+    if len(answer) > max(20 * len(gold), 1000):
         return "too long"
     exp_lg, mono_lg, fact_lg, deepest = _measures(answer)
-    max_exp, max_mono, max_fact = limits or _limits(gold)
+    count, calc_lg = _calculus(answer, exp_lg)
+    max_exp, max_mono, max_fact, max_calc, max_ops = limits or _limits(gold)
     for failed, reason in ((deepest > MAX_NESTING, "nesting too deep"), (exp_lg > max_exp, "exponent too large"),
-                           (mono_lg > max_mono, "expansion too large"), (fact_lg > max_fact, "factorial too large")):
+                           (mono_lg > max_mono, "expansion too large"), (fact_lg > max_fact, "factorial too large"),
+                           (count and calc_lg > max_calc, "calculus with large parameters"),
+                           (count > max_ops, "too many integrals, sums, products or limits")):
         if failed:
             return reason
     return None
-
-

@@ -1,22 +1,32 @@
-"""Answer grading: is an extracted answer equivalent to the gold answer?
+"""Answer grading: is a response correct against the gold answer?
 
-Kinds: ``"math"`` (math-verify equivalence) and ``"choice"`` (exact letter match, A-J). Three tiers, cheapest first:
+Kinds: ``"math"`` and ``"choice"``.
 
-1. Fast path, in-process, no sympy: plain numbers (integers, decimals, ``a/b``, ``\\frac{a}{b}``, thousands commas,
-   ``\\$``, ``\\%``, a trailing ``\\text{unit}``), choice letters, word answers (``Yes``, ``\\text{Evelyn}``) and
-   answers spelled like the gold. Numbers follow math-verify's rules: two integers compare exactly (a percent
-   sign is ignored: 10\\% = 10); with a decimal on either side the values must agree to 6 decimal places;
-   otherwise rationals compare exactly.
-2. Pre-screen, in-process: an answer that would make sympy hang is False in microseconds: longer than
-   max(20 * len(gold), 500) characters, brackets nested deeper than 50, an exponent above 1e5 (power towers
-   included), a symbolic power expanding to more than 500 monomials, a factorial of more than 1e5. A limit
-   grows to twice the gold's own figure when the gold itself is that large.
-3. Worker pool: math-verify in ``Grader.processes`` worker processes (fresh interpreters), each gold parsed once
-   per worker. Every step (one gold parse, one answer) has a deadline of ``TIMEOUT_S`` seconds; a worker that
-   misses it is killed and replaced, that answer is False and the answers queued behind it are re-sent.
-   Math-verify's signal-based timeouts are off (``parsing_timeout=None``, ``timeout_seconds=None``), so grading
-   works from any thread, asyncio loop, Ray actor or Serve replica. Model output is only read by math-verify's
-   parser, never evaluated.
+Math: the verdict is math-verify's on the WHOLE response, ``verify(parse(gold_text), parse(response))`` with
+its default extraction (boxed answers first, then "final answer"/"answer:" anchors, then any LaTeX environment
+and any plain number; several boxes close together are read as one set) and ``gold_text =
+math_gold_text(gold)`` (``\\boxed{gold}``). The last-box answer of ``corea.protocol.parse_response`` is what
+the cascade shows and what the format reward checks; correctness does not need a box. Accelerations, none of
+which changes math-verify's verdict:
+
+1. Fast path, in-process (``corea.grading_fast``): math-verify's own regexes find the match it would try
+   first; when that match and the gold are plain numbers, their parse is built without the LaTeX parser and
+   math-verify's ``verify`` runs on them in-process. No match at all is False, as in math-verify.
+2. Pre-screen (``corea.answer_checks.prescreen``): an expression math-verify would parse that could make
+   sympy hang (huge exponents, factorials or expansions, deep nesting, integrals, sums, products or limits
+   with large parameters, very long text) rejects the response (False) without being parsed; so does a
+   response over ``MAX_RESPONSE_CHARS``. In the pool the same screen guards every expression math-verify
+   parses, so a pathological one later in the text is rejected too. This is the only departure from plain
+   math-verify: it would hang, or time out and return False.
+3. Worker pool: math-verify itself in ``Grader.processes`` worker processes, each gold parsed once per
+   worker. Each response has a deadline of ``timeout_s`` seconds (an interval timer inside the worker; a miss
+   is False, as math-verify's own timeout would give); a worker that does not answer within ``timeout_s +
+   KILL_GRACE_S`` (stuck in C code) is killed and replaced. Evaluation uses ``TIMEOUT_S`` (5 s, math-verify's
+   default); training rewards use ``reward.grading_timeout_s`` (1 s). Grading works from any thread, asyncio
+   loop, Ray actor or Serve replica. Model output is only read by math-verify's parser, never run as code.
+
+Choice: the letter of ``corea.answer_checks.extract_choice`` (boxed letter, "answer is X", "answer: X", a
+leading "X.", the last standalone letter) against the gold's letter (``normalize_choice_gold``).
 """
 
 from __future__ import annotations
@@ -28,82 +38,200 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_any
 from typing import Sequence
 
-from corea.answer_checks import (  # noqa: F401 (the limits and prescreen are part of this module's API)
+from corea import grading_fast
+from corea.answer_checks import (  # noqa: F401 (the limits and checks are part of this module's API)
     KINDS,
+    MAX_CALCULUS_LOG10,
     MAX_EXPONENT_LOG10,
     MAX_FACTORIAL_LOG10,
     MAX_MONOMIALS_LOG10,
     MAX_NESTING,
+    MAX_RESPONSE_CHARS,
     _clean,
-    _Gold,
+    _limits,
+    extract_choice,
+    math_gold_text,
+    normalize_choice_gold,
     prescreen,
 )
 from corea.grading_worker import MEMORY_LIMIT_MB, _Worker
-from corea.protocol import parse_response
+from corea.protocol import parse_response  # noqa: F401 (re-exported for callers that show the last box)
 
-TIMEOUT_S = 5.0  #: deadline of one grading step (a gold parse or one answer) in a worker, seconds
+TIMEOUT_S = 5.0  #: default per-response deadline in a worker, seconds (math-verify's own default timeout)
+KILL_GRACE_S = 2.0  #: extra time before a worker that misses its deadline is killed, seconds
 STARTUP_TIMEOUT_S = 120.0  #: time a new worker may take to import math-verify, seconds
-_CHUNK_MAX = 64  # answers sent to a worker at once (verdicts still come back one by one)
+_CHUNK_MAX = 64  # responses sent to a worker at once (verdicts still come back one by one)
+_GOLD_CACHE = 4096  # prepared golds kept in-process
+_DECIDED_CACHE = 65536  # verdicts of (gold, first match) pairs kept in-process
 
 
 class _Job:
-    __slots__ = ("gold", "answers", "worker", "deadline", "gold_parsed", "done")
+    __slots__ = ("gold", "answers", "worker", "deadline", "gold_parsed", "done", "retried")
 
-    def __init__(self, gold: str, answers: list[str]):
+    def __init__(self, gold: str, answers: list[str], retried: bool = False):
         self.gold, self.answers, self.worker, self.deadline, self.gold_parsed, self.done = gold, answers, None, 0, 0, 0
+        self.retried = retried
+
+
+class _Gold:
+    """A math gold prepared once: the text math-verify parses, its fast-path parse (None: pool), its limits."""
+
+    __slots__ = ("gold", "text", "parsed", "limits")
+
+    def __init__(self, gold: str):
+        self.gold, self.text = gold, math_gold_text(gold)
+        self.limits = _limits(gold)
+        try:
+            self.parsed = grading_fast.fast_parse(self.text)
+        except Exception:
+            self.parsed = None
 
 
 class Grader:
-    """A pool of ``processes`` math-verify workers, started on first need; every method is thread-safe."""
+    """A pool of ``processes`` math-verify workers, started on first need; every method is thread-safe.
+
+    ``stats`` counts responses by path: ``fast`` (in-process), ``screened`` (rejected by the pre-screen in
+    this process), ``cached`` (the verdict of an earlier response with the same first match, once a worker
+    found that match decides), ``pool`` (sent to a worker), ``rejected``/``deadline`` (in a worker), ``killed``
+    workers."""
 
     def __init__(self, processes: int | None = None, timeout_s: float = TIMEOUT_S,
                  memory_limit_mb: int | None = MEMORY_LIMIT_MB):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.processes = max(1, int(processes or os.cpu_count() or 1))
         self.timeout_s, self.memory_limit_mb, self.pid = float(timeout_s), memory_limit_mb, os.getpid()
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._workers: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._golds: OrderedDict[str, _Gold] = OrderedDict()
+        self._decided: OrderedDict[tuple, bool] = OrderedDict()  # (gold, first match) -> verdict
         self._started = self.closed = False
+        self.stats = dict.fromkeys(("fast", "screened", "cached", "pool", "rejected", "deadline", "killed"), 0)
 
-    def grade(self, response: str | bytes, gold: str, kind: str = "math") -> bool:
-        """Grade a full response: its last \\boxed{} against ``gold``."""
-        return self.grade_answer(parse_response(response).answer, gold, kind)
+    def grade(self, response: str | bytes | None, gold: str, kind: str = "math") -> bool:
+        """Grade a whole response against ``gold``."""
+        return self.grade_groups([([response], gold, kind)])[0][0]
 
     def grade_answer(self, answer: str | bytes | None, gold: str, kind: str = "math") -> bool:
-        """Grade an extracted answer against ``gold``."""
-        return self.grade_groups([([answer], gold, kind)])[0][0]
+        """Grade a bare answer: a math answer is wrapped like a gold (``\\boxed{answer}``)."""
+        answer = _clean(answer)
+        if kind == "math" and answer:
+            answer = math_gold_text(answer)
+        return self.grade(answer, gold, kind)
 
     def grade_groups(self, groups: Sequence[tuple[Sequence[str | bytes | None], str, str]]) -> list[list[bool]]:
-        """Verdicts for groups of (answers, gold, kind): fast path, pre-screen, then the pool for the rest."""
+        """Verdicts for groups of (responses, gold, kind): fast path, pre-screen, then the pool for the rest."""
         verdicts: list[list[bool]] = []
-        pending: dict[tuple[str, str], list[tuple[int, int]]] = {}  # distinct (gold, answer) -> positions
-        for gi, (answers, gold, kind) in enumerate(groups):
-            prepared, row = _Gold(gold, kind), []
-            for ai, answer in enumerate(map(_clean, answers)):
-                verdict = prepared.fast(answer) if answer else False
-                if verdict is None and not prepared.rejects(answer):
-                    pending.setdefault((prepared.text, answer), []).append((gi, ai))
+        pending: dict[tuple[str, str], list[tuple[int, int]]] = {}  # distinct (gold, response) -> positions
+        by_key: dict[tuple, list[str]] = {}  # (gold, first match) -> its responses
+        for gi, (responses, gold, kind) in enumerate(groups):
+            if kind not in KINDS:
+                raise ValueError(f"unknown answer kind {kind!r}; choose from {KINDS}")
+            if kind == "choice":
+                letter = normalize_choice_gold(gold)
+                verdicts.append([extract_choice(r) == letter for r in responses])
+                continue
+            prepared, row = self._gold(_clean(gold) or ""), []
+            for ri, response in enumerate(map(_clean, responses)):
+                verdict, key = self._in_process(response, prepared) if response else (False, None)
+                if verdict is None:
+                    if (response_key := (prepared.gold, response)) not in pending:
+                        group_key = ("match", prepared.gold, key) if key else ("response",) + response_key
+                        by_key.setdefault(group_key, []).append(response)
+                    pending.setdefault(response_key, []).append((gi, ri))
                 row.append(bool(verdict))
             verdicts.append(row)
         if pending:
-            by_gold: dict[str, list[str]] = {}
-            for gold, answer in pending:
-                by_gold.setdefault(gold, []).append(answer)
-            size = max(1, min(_CHUNK_MAX, math.ceil(len(pending) / (2 * self.processes))))
-            jobs = deque(_Job(g, a[i : i + size]) for g, a in by_gold.items() for i in range(0, len(a), size))
-            for key, verdict in self._run(jobs).items():
-                for gi, ai in pending[key]:
-                    verdicts[gi][ai] = verdict
+            results = self._pool({k: rs[:1] for k, rs in by_key.items()})  # one response per first match
+            rest = {}
+            for key, responses in by_key.items():
+                verdict, decided = results[(key[1], responses[0])]
+                if decided and key[0] == "match" and not any(pct for _, pct in key[2][1]):  # decided by the
+                    # first match (no percentage, whose conversion could still fail): the same for all of them
+                    results.update(((key[1], r), (verdict, True)) for r in responses[1:])
+                    self._remember(key[1:], verdict)
+                    self._count("cached", len(responses) - 1)
+                elif len(responses) > 1:
+                    rest[key] = responses[1:]
+            results.update(self._pool(rest))
+            for key, (verdict, _) in results.items():
+                for gi, ri in pending[key]:
+                    verdicts[gi][ri] = verdict
         return verdicts
+
+    def _pool(self, by_key: dict[tuple, list[str]]) -> dict[tuple[str, str], tuple[bool, bool]]:
+        """(verdict, decided by the first match) of every response in ``by_key``'s values, graded by the workers."""
+        by_gold: dict[str, list[str]] = {}
+        for key, responses in by_key.items():
+            by_gold.setdefault(key[1], []).extend(responses)
+        n = sum(len(a) for a in by_gold.values())
+        if not n:
+            return {}
+        self._count("pool", n)
+        size = max(1, min(_CHUNK_MAX, math.ceil(n / (2 * self.processes))))
+        return self._run(deque(_Job(g, a[i : i + size]) for g, a in by_gold.items() for i in range(0, len(a), size)))
+
+    def _remember(self, key: tuple, verdict: bool) -> None:
+        with self._lock:
+            self._decided[key] = verdict
+            while len(self._decided) > _DECIDED_CACHE:
+                self._decided.popitem(last=False)
+
+    def _gold(self, gold: str) -> _Gold:
+        with self._lock:
+            if (prepared := self._golds.pop(gold, None)) is not None:
+                self._golds[gold] = prepared
+                return prepared
+        prepared = _Gold(gold)
+        with self._lock:
+            self._golds[gold] = prepared
+            while len(self._golds) > _GOLD_CACHE:
+                self._golds.popitem(last=False)
+        return prepared
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _in_process(self, response: str, gold: _Gold) -> tuple[bool | None, tuple | None]:
+        """(verdict, None) when no worker is needed (fast path, no match, pre-screen, a first match decided
+        before); else (None, the first match's key: its kind and the strings math-verify will parse)."""
+        if len(response) > MAX_RESPONSE_CHARS:
+            self._count("screened")
+            return False, None
+        try:
+            found = grading_fast.first_candidate(response)
+            if found is None or gold.parsed == []:  # nothing to compare: math-verify says False
+                self._count("fast")
+                return False, None
+            strings = grading_fast.candidate_strings(*found)
+            for text, _ in strings:
+                if prescreen(text, gold.gold, gold.limits) is not None:
+                    self._count("screened")
+                    return False, None
+            if gold.parsed is not None and (parsed := grading_fast.fast_parse(response, found)) is not None:
+                verdict = grading_fast.verify(gold.parsed, parsed)
+                self._count("fast")
+                return verdict, None
+            key = (type(found[1]).__name__, tuple(strings))
+            with self._lock:
+                verdict = self._decided.get((gold.gold, key))
+            if verdict is not None:
+                self._count("cached")
+                return verdict, None
+            return None, key
+        except Exception:  # anything unexpected: math-verify in a worker decides
+            return None, None
 
     def warmup(self) -> None:
         """Start every worker and wait until each has imported and warmed up math-verify."""
-        self._run(deque(_Job("1", ["1"]) for _ in range(self.processes)))
+        self._run(deque(_Job("1", ["\\boxed{1}"]) for _ in range(self.processes)))
 
     def worker_pids(self) -> list[int]:
         return sorted(w.proc.pid for w in list(self._workers))
@@ -159,29 +287,32 @@ class Grader:
                     return None
         raise RuntimeError("the grader is closed")
 
-    def _run(self, jobs: deque[_Job]) -> dict[tuple[str, str], bool]:
-        """Send jobs to idle workers, collect per-answer verdicts, enforce the per-step deadlines."""
-        results: dict[tuple[str, str], bool] = {}
+    def _run(self, jobs: deque[_Job]) -> dict[tuple[str, str], tuple[bool, bool]]:
+        """Send jobs to idle workers, collect per-response (verdict, decided by the first match), enforce the
+        deadlines."""
+        results: dict[tuple[str, str], tuple[bool, bool]] = {}
         active: dict[Connection, _Job] = {}
         failed_golds: set[str] = set()
+        step_s = self.timeout_s + KILL_GRACE_S
         try:
             while jobs or active:
                 while jobs:
                     if jobs[0].gold in failed_golds:
-                        results.update(((jobs[0].gold, a), False) for a in jobs.popleft().answers)
+                        failed = jobs.popleft()
+                        results.update(((failed.gold, a), (False, False)) for a in failed.answers)
                         continue
                     if (worker := self._acquire(block=not active)) is None:
                         break
                     try:
                         if worker.proc.poll() is not None:
                             raise BrokenPipeError("worker exited while idle")
-                        worker.conn.send((jobs[0].gold, jobs[0].answers))
+                        worker.conn.send((jobs[0].gold, jobs[0].answers, self.timeout_s))
                     except OSError:  # died while idle (killed from outside): nothing was started, so retry
                         self._replace(worker)
                         continue
                     job = jobs.popleft()
                     job.worker = worker
-                    job.deadline = time.monotonic() + (self.timeout_s if worker.ready else STARTUP_TIMEOUT_S)
+                    job.deadline = time.monotonic() + (step_s if worker.ready else STARTUP_TIMEOUT_S)
                     active[worker.conn] = job
                 if not active:
                     continue
@@ -196,9 +327,11 @@ class Grader:
                             elif message[0] == "gold":
                                 job.gold_parsed = True
                             else:
-                                results[(job.gold, job.answers[job.done])] = message[1]
+                                results[(job.gold, job.answers[job.done])] = (message[1], message[3])
                                 job.done += 1
-                            job.deadline = time.monotonic() + self.timeout_s
+                                if message[2]:
+                                    self._count(message[2])
+                            job.deadline = time.monotonic() + step_s
                     except (EOFError, OSError):  # the worker died: handled like a missed deadline
                         job.deadline = -1.0
                     if job.done == len(job.answers):
@@ -208,13 +341,17 @@ class Grader:
                 for conn, job in [(c, j) for c, j in active.items() if j.deadline <= now]:
                     del active[conn]
                     self._replace(job.worker)
+                    self._count("killed")
                     if not job.worker.ready:
                         raise RuntimeError("a grading worker failed to start (is math-verify installed?)")
+                    if not job.gold_parsed and job.deadline == -1.0 and not job.retried:
+                        jobs.appendleft(_Job(job.gold, job.answers, retried=True))  # died (killed?): once more
+                        continue
                     if not job.gold_parsed:  # the gold itself is the culprit
                         failed_golds.add(job.gold)
-                        results.update(((job.gold, a), False) for a in job.answers)
+                        results.update(((job.gold, a), (False, False)) for a in job.answers)
                         continue
-                    results[(job.gold, job.answers[job.done])] = False
+                    results[(job.gold, job.answers[job.done])] = (False, False)
                     if rest := job.answers[job.done + 1 :]:
                         jobs.appendleft(_Job(job.gold, rest))
         finally:
@@ -253,16 +390,16 @@ def _close_default() -> None:
         _default.close()
 
 
-def grade(response: str | bytes, gold: str, kind: str = "math") -> bool:
-    """Grade a full response (its last \\boxed{}) against ``gold``; no answer is False."""
+def grade(response: str | bytes | None, gold: str, kind: str = "math") -> bool:
+    """Grade a whole response against ``gold`` (math-verify's verdict; see the module docstring)."""
     return get_grader().grade(response, gold, kind)
 
 
 def grade_answer(answer: str | bytes | None, gold: str, kind: str = "math") -> bool:
-    """Grade an already-extracted answer against ``gold``."""
+    """Grade a bare answer (wrapped as ``\\boxed{answer}``) against ``gold``."""
     return get_grader().grade_answer(answer, gold, kind)
 
 
 def grade_groups(groups: Sequence[tuple[Sequence[str | bytes | None], str, str]]) -> list[list[bool]]:
-    """Verdicts for (answers, gold, kind) groups; each gold is prepared once, slow answers run in parallel."""
+    """Verdicts for (responses, gold, kind) groups; each gold is prepared once, slow ones run in parallel."""
     return get_grader().grade_groups(groups)

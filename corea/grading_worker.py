@@ -1,13 +1,17 @@
 """The math-verify worker processes of ``corea.grading``: a fresh interpreter per worker, fed over a socket.
 
-A worker receives (gold, answers), parses the gold once, and sends one verdict per answer; the parent enforces
-the deadlines and replaces a worker that misses one.
+A worker receives (gold, responses, timeout_s), parses ``math_gold_text(gold)`` once, and sends one verdict per
+response: ``verify(parsed_gold, parse(response))``, math-verify's defaults without its signal timeouts. Each
+response runs under an interval timer of ``timeout_s`` (a miss is False); every expression math-verify is about
+to parse passes ``prescreen`` first (a rejected one makes the response False). The parent kills a worker
+that stays silent past the deadline plus a grace period (stuck in C code) and starts another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +20,7 @@ import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 
-from corea.answer_checks import _closing_brace
+from corea.answer_checks import _limits, math_gold_text, prescreen
 
 MEMORY_LIMIT_MB = 4096  #: address-space limit of a worker, MiB (None: unlimited)
 
@@ -28,10 +32,43 @@ _WARMUP = [("\\frac{1}{2}", "0.5"), ("\\frac{8\\pi}{9}", "-\\frac{8\\pi}{9}"), (
 _PROBE_POINT = (0.7391, 1.2347, 0.5813, 1.618, 0.9127, 1.4142, 0.3433)
 
 
-def _mv_parse(math_verify, text: str) -> list:
-    """math-verify's parse of a bare answer, boxed so that its boxed-answer extraction applies."""
-    balanced = _closing_brace("{" + text + "}") == len(text) + 1
-    return math_verify.parse("\\boxed{" + text + "}" if balanced else "$" + text + "$", parsing_timeout=None)
+class _Deadline(BaseException):
+    """The response's time is up (a BaseException: math-verify's ``except Exception`` lets it through)."""
+
+
+class _Rejected(BaseException):
+    """math-verify was about to parse a pathological expression."""
+
+
+def _install_guard(parser, screen: dict) -> None:
+    """Run ``prescreen`` on every string math-verify's extraction is about to parse (LaTeX or expression), and
+    record in ``screen["first"]`` whether the first one parsed. The first string parsed is the first group of
+    the first match tried; when it parses, that match is the extraction, so the verdict is a function of the
+    gold and that match's strings alone (the parent reuses it for responses with the same first match)."""
+    for name in ("parse_latex_cached", "parse_expr_cached"):
+        original = getattr(parser, name)
+
+        def guarded(text, _original=original):
+            first, screen["first"] = screen["first"] is None, screen["first"] or False
+            if screen["gold"] is not None and prescreen(text, screen["gold"], screen["limits"]) is not None:
+                raise _Rejected()
+            parsed = _original(text)  # raises when it does not parse: the first match then did not decide
+            if first:
+                screen["first"] = True
+            return parsed
+
+        setattr(parser, name, guarded)
+
+
+def _within(seconds: float | None, fn, *args):
+    """``fn(*args)`` under an ITIMER_REAL deadline that raises ``_Deadline``; no deadline when None."""
+    if seconds is None:
+        return fn(*args)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _install_numeric_probe(grader_module) -> None:
@@ -63,9 +100,9 @@ def _install_numeric_probe(grader_module) -> None:
 
 
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Worker loop: receive (gold, answers); send ("gold",), then ("answer", verdict) per answer."""
+    """Worker loop: receive (gold, responses, timeout_s); send ("gold",), then ("answer", verdict, note, decided)
+    per response, note being "", "rejected" (pre-screen) or "deadline", decided: its first match parsed."""
     import logging
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
@@ -84,33 +121,53 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     import math_verify
     import math_verify.grader
+    import math_verify.parser
 
+    def on_alarm(signum, frame):
+        raise _Deadline()
+
+    signal.signal(signal.SIGALRM, on_alarm)
     if hasattr(math_verify.grader, "sympy_symbolic_eq"):
         _install_numeric_probe(math_verify.grader)
+    screen: dict = {"gold": None, "limits": None, "first": None}
+    _install_guard(math_verify.parser, screen)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def parse(text: str) -> list:
+        return math_verify.parse(text, parsing_timeout=None)
+
+    def judge(gold_parsed: list, response: str) -> bool:
+        return bool(gold_parsed) and bool(math_verify.verify(gold_parsed, parse(response), timeout_seconds=None))
+
     for gold, answer in _WARMUP:  # first calls into sympy are slow: pay for them before taking work
-        math_verify.verify(_mv_parse(math_verify, gold), _mv_parse(math_verify, answer), timeout_seconds=None)
+        judge(parse(math_gold_text(gold)), math_gold_text(answer))
     conn.send(("ready",))
     golds: OrderedDict[str, list] = OrderedDict()
     while (message := conn.recv()) is not None:
-        gold, answers = message
+        gold, responses, timeout_s = message
         if (parsed := golds.pop(gold, None)) is None:
+            screen["gold"] = None  # the gold is trusted data: parsed without the screen, under the deadline
             try:
-                parsed = _mv_parse(math_verify, gold)
-            except Exception:
+                parsed = _within(timeout_s, parse, math_gold_text(gold))
+            except (Exception, _Deadline, _Rejected):
                 parsed = []
         golds[gold] = parsed
         if len(golds) > 1024:
             golds.popitem(last=False)
         conn.send(("gold",))
-        for answer in answers:
+        screen["gold"], screen["limits"] = gold, _limits(gold)
+        for response in responses:
+            note, screen["first"] = "", None
             try:
-                verdict = bool(parsed) and bool(math_verify.verify(parsed, _mv_parse(math_verify, answer),
-                                                                   timeout_seconds=None))
+                verdict = _within(timeout_s, judge, parsed, response)
+            except _Deadline:
+                verdict, note = False, "deadline"
+            except _Rejected:
+                verdict, note = False, "rejected"
             except Exception:
                 verdict = False
-            conn.send(("answer", verdict))
+            conn.send(("answer", verdict, note, note == "" and screen["first"] is True))
 
 
 def _worker_entry() -> None:

@@ -4,6 +4,11 @@ A response states its final answer in the last ``\\boxed{...}`` (balanced braces
 confidence in the last ``\\confidence{...}`` that holds a number. A number outside [0, 1], NaN or inf is an
 invalid confidence (``None``). Parsing is one linear pass over the text, so a 1 MB response or 10,000
 nested braces cost milliseconds, never a hang.
+
+Which answer is used where: the last-box answer of ``parse_response`` is what the cascade and the serving API
+show users, and what the format reward checks (an answer present). Correctness is not read from it: it is
+math-verify's verdict on the whole response (``corea.grading``: boxed answers first, several close boxes as one
+set, then its LaTeX and number fallbacks), or the harness-style option letter for multiple choice.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ LANGUAGE_SWITCH_TOLERANCE = 0.02
 class ParsedResponse:
     """What the reward and the cascade need from one response."""
 
-    answer: str | None  # content of the last complete \boxed{...}
+    answer: str | None  # content of the last complete \boxed{...}: shown to users, checked by the format reward
     confidence: float | None  # last \confidence{number}, None when absent or invalid
     confidence_text: str | None  # raw content of that \confidence{...}, for logging invalid values
 

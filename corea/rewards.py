@@ -5,6 +5,9 @@ p = (1/G) sum_i y_i:
 
     r = w_acc * y + w_fmt * r_fmt + w_conf * r_conf
 
+y is ``corea.grading``'s verdict on the whole response (math-verify's extraction; no box needed); r_fmt checks
+the last ``\\boxed{}`` of ``corea.protocol``, the answer the cascade shows.
+
 A response without a valid confidence gets r_conf = -1 (the lowest), except under ``none`` (RLVR) where
 r_conf = 0 for every response.
 """
@@ -161,9 +164,7 @@ def batch_group_rewards(
     if len(prompts) != len(groups):
         raise ValueError(f"{len(prompts)} prompts for {len(groups)} groups")
     parsed = [[parse_response(r) for r in responses] for responses, _, _ in groups]
-    verdicts = grading.grade_groups(
-        [([p.answer for p in group_parsed], gold, kind) for group_parsed, (_, gold, kind) in zip(parsed, groups)]
-    )
+    verdicts = grading.grade_groups([(responses, gold, kind) for responses, gold, kind in groups])
     return [
         _combine(group_parsed, responses, group_verdicts, confidence_reward, weights, prompt)
         for group_parsed, (responses, _, _), group_verdicts, prompt in zip(parsed, groups, verdicts, prompts)

@@ -15,137 +15,63 @@ import pytest
 from corea import grading
 from corea.grading import Grader, grade, grade_answer, grade_groups, prescreen
 
-# (gold, answer, expected). Pairs restated from public grader test suites; each block names its origin.
+# (gold, answer, expected): a few restated public pairs for the batch and thread tests; the public suite with
+# its sources is tests/test_grading_equivalence.py.
 EQUIVALENCE_CASES = [
-    # huggingface/Math-Verify, tests/test_all.py (numbers, fractions, sets, notation, relations, matrices)
-    ("-5", "-5", True),
-    ("7425000", "7,425,000", True),
-    ("1000", "1000.0", True),
-    ("1000.99", "1,000.99", True),
-    ("0.4", ".4", True),
-    ("10/9", r"\frac{10}{9}", True),
-    ("-10/9", r"-\frac{10}{9}", True),
-    ("[0,1)", "[0,1)", True),
-    ("[0,9)", "[0,1)", False),
-    ("(0,9)", "[0,9)", False),
-    ("1/3", r"\frac13", True),
-    ("1", r"\frac3{3}", True),
-    (r"\sqrt{3}", r"\sqrt3", True),
-    ("1/3", r"\cfrac{1}{3}", True),
-    ("1/3", r"\left( \frac{1}{3} \right)", True),
-    ("1/3", r"\frac{1}{3} \text{meters}", True),
-    ("1/3", r"k = \frac{1}{3}", True),
-    (r"28\%", "28", True),
-    ("0.28", "28", False),
-    ("28/100", "28", False),
-    ("28", "28/100", False),
-    ("2-2p", "2-2p", True),
-    (r"14{,}916", r"14{,}916", True),
-    (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)", True),
-    (r"\text{Evelyn}", r"\text{Evelyn}", True),
-    (r"90^\circ", r"90^\circ", True),
-    (r"3\sqrt{13}", r"3\sqrt{13}", True),
-    (r"15\mbox{ cm}^2", r"15\mbox{ cm}^2", True),
-    ("-2,1", "-2,1", True),
-    (r"1 \pm \sqrt{19}", r"1 \pm \sqrt{19}", True),
-    (r"\{1\pm\sqrt{5},-2\}", r"\{1\pm\sqrt{5},-2\}", True),
-    (r"2 \sin b \cos a", r"2 \sin b \cos a", True),
-    (r"\sqrt{2}+\sqrt{5}", r"\sqrt 2+\sqrt 5", True),
-    (r"\frac{9}{4}\pi", r"\frac94\pi", True),
-    ("x >= 5", r"x \geq 5", True),
-    ("x > 5", "x < 5", False),
-    (r"x \leq 5", r"5 \geq x", True),
-    ("11", "x=11", True),
-    ("k=1", "1", True),
-    ("2x + z = 1", "1", False),
-    ("x < 1", "-x > -1", True),
-    ("x < 1", "x > -1", False),
-    (r"\begin{pmatrix}1 & 0 \\ 0 & 1\end{pmatrix}", r"\begin{bmatrix}1 & 0 \\ 0 & 1\end{bmatrix}", True),
-    (r"\begin{pmatrix}1 & 2 \\ 3 & 4\end{pmatrix}", r"\begin{pmatrix}1 & 2 \\ 3 & 5\end{pmatrix}", False),
-    (r"\frac{1}{12}", "0.0833333333333333", True),
-    (r"(1,\frac{9}{2})", "(1,4.5)", True),
-    (r"\frac{x+2}{7}", r"\frac{x}{7}+\frac{2}{7}", True),
-    (r"\tan^2(y)+1", r"\sec^2(y)", True),
-    # hendrycks/math, modeling/math_equivalence_test.py (the original MATH is_equiv tests)
-    (r"\tfrac{1}{2} + \frac1{72}", r"\\frac{1}{2} + 2/3", False),
-    ("10, 4, 2", "4, 12, 2", False),
-    (r"\tfrac{1}{2} +\! \frac1{72}", r"\dfrac{1}{2} +\frac{1}{72}", True),
-    (r"10\text{ units}", "10 ", True),
-    (r"10\text{ units}", "100 ", False),
-    ("10", r"\$10", True),
-    (r"\left(x-2\right)\left(x+2\right)", "(x-2)(x+2)", True),
-    ("0.1", ".1", True),
-    (r"10\%", "10", True),
-    (r"10\sqrt{3} + \sqrt4", r"10\sqrt3 + \sqrt{4}", True),
-    (r"\frac34i", r"\frac{3}{4}i", True),
-    (r"\tfrac83", r"\frac{8}{3}", True),
-    ("5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),
-    ("1/2", r"\frac{1}{2}", True),
-    # NVIDIA/NeMo-Skills, tests/test_math_equal.py
-    ("5", "5.0", True),
-    ("1/2", "0.5", True),
-    (r"\frac{1}{2}", "0.5", True),
-    ("x^2+2x+1", "x^2 + 2*x + 1", True),
-    ("y = x^2+2x+1", "2x+ 1+x^2", True),
-    ("odd", r"\text{odd}", True),
-    (".185", "0.185", True),
-    (r"\frac {1}{2}", "0.5", True),
-    (r"17\text{ any text}", "17", True),
-    (r"\$10", "10", True),
-    ("10%", "10", True),
-    ("2.5", r"\frac{5}{2}", True),
-    (r"\frac{1}{3}", r"\dfrac{1}{3}", True),
-    ("(r+5)(r+5)", "(r+5)^2", True),
-    ("5", "5.001", False),
-    ("x^2+2x+1", "x^3+2x+1", False),
-    ("odd", r"\text{oddd}", False),
-    (r"\sqrt{67},-\sqrt{85}", r"\sqrt{67}", False),
-    # gold forms of MATH-500, GSM8K and DeepMath (word golds, bare LaTeX golds)
-    (r"\left( 3, \frac{\pi}{2} \right)", r"(3, \frac{\pi}{2})", True),
-    (r"\dfrac{1}{e}", r"e^{-1}", True),
-    ("Yes", r"\text{Yes}", True),
-    ("Yes", "No", False),
-    ("18", r"18\text{ dollars}", True),
-    ("18", "19", False),
+    ("-5", "-5", True), ("7425000", "7,425,000", True), ("1000", "1000.0", True), ("0.4", ".4", True),
+    ("10/9", r"\frac{10}{9}", True), ("[0,9)", "[0,1)", False), ("1/3", r"\frac13", True),
+    (r"\sqrt{3}", r"\sqrt3", True), ("1/3", r"k = \frac{1}{3}", True), (r"28\%", "28", True), ("0.28", "28", False),
+    (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)", True), ("x > 5", "x < 5", False),
+    (r"x \leq 5", r"5 \geq x", True), ("11", "x=11", True), (r"\frac{1}{12}", "0.0833333333333333", True),
+    (r"\frac{x+2}{7}", r"\frac{x}{7}+\frac{2}{7}", True), (r"\tan^2(y)+1", r"\sec^2(y)", True),
+    ("10", r"\$10", True), (r"\left(x-2\right)\left(x+2\right)", "(x-2)(x+2)", True), ("5", "5.001", False),
+    ("x^2+2x+1", "x^3+2x+1", False), ("(r+5)(r+5)", "(r+5)^2", True), (r"\dfrac{1}{e}", r"e^{-1}", True),
+    ("18", r"18\text{ dollars}", True), ("18", "19", False), ("Yes", r"\text{Yes}", True), ("2.5", r"\frac{5}{2}", True),
 ]
 
 
-def _plain_verify(gold: str, answer: str) -> bool:
-    """Math-verify used directly on the two strings, its default settings."""
+def _mv_boxed(gold: str, answer: str) -> bool:
+    """Plain math-verify on the two bare strings, each read as corea reads a gold."""
     import math_verify
 
-    return bool(math_verify.verify(math_verify.parse(gold), math_verify.parse(answer)))
+    from corea.answer_checks import math_gold_text
+
+    return bool(math_verify.verify(*(math_verify.parse(math_gold_text(t)) for t in (gold, answer))))
 
 
-def test_equivalence_cases_agree_at_least_as_often_as_plain_math_verify():
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    ours = [grade_answer(answer, gold) == expected for gold, answer, expected in EQUIVALENCE_CASES]
-    plain = [_plain_verify(gold, answer) == expected for gold, answer, expected in EQUIVALENCE_CASES]
-    misses = [case for case, ok in zip(EQUIVALENCE_CASES, ours) if not ok]
-    assert len(EQUIVALENCE_CASES) >= 40
-    assert sum(ours) >= sum(plain), misses
-    assert sum(ours) >= 0.95 * len(EQUIVALENCE_CASES), misses
+def test_grade_answer_is_math_verify_on_boxed_strings():
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    ours = [grade_answer(answer, gold) for gold, answer, _ in EQUIVALENCE_CASES]
+    assert ours == [_mv_boxed(gold, answer) for gold, answer, _ in EQUIVALENCE_CASES]
+    assert sum(o == e for o, (_, _, e) in zip(ours, EQUIVALENCE_CASES)) >= len(EQUIVALENCE_CASES) - 1
 
 
 def _groups(size: int, n: int) -> list:
-    """Groups of ``size`` answers from the cases, each graded against the gold of its first case."""
+    """Groups of ``size`` boxed answers from the cases, each graded against the gold of its first case."""
     cases = EQUIVALENCE_CASES
-    return [([a for _, a, _ in cases[i : i + size]], cases[i][0], "math") for i in range(0, n, size)]
+    return [([f"so \\boxed{{{a}}}" for _, a, _ in cases[i : i + size]], cases[i][0], "math") for i in range(0, n, size)]
 
 
 def test_grade_groups_matches_single_grading():
-    groups = _groups(4, 40)
+    groups = _groups(4, 28)
     batch = grade_groups(groups)
-    assert batch == [[grade_answer(a, gold) for a in answers] for answers, gold, _ in groups]
+    assert batch == [[grade(r, gold) for r in responses] for responses, gold, _ in groups]
 
 
-def test_full_responses():
+def test_whole_responses():
     response = r"Thus the point is $\boxed{\left( 3, \frac{\pi}{2} \right)}$. \confidence{0.9}"
     assert grade(response, r"(3, \frac{\pi}{2})")
-    assert grade(r"first \boxed{2}, no wait: \boxed{\frac{1}{2}} \confidence{0.4}", "0.5")
-    assert not grade(r"I am not sure. \confidence{0.1}", "18")  # no answer
+    assert grade(r"first \boxed{2}. Checking that again, it fails the second condition, so the value is "
+                 r"\boxed{\frac{1}{2}} \confidence{0.4}", "0.5")
+    assert not grade(r"first \boxed{2}, no wait: \boxed{\frac{1}{2}}", "0.5")  # close boxes: read as one set
+    assert not grade(r"I am not sure. \confidence{0.1}", "18")  # nothing to read
     assert not grade(r"\boxed{}", "18")
     assert not grade_answer(None, "18") and not grade_answer("", "18") and not grade_answer("  ", "18")
+    # no box: math-verify's LaTeX and number fallbacks read the answer; several boxes are one set
+    assert grade(r"Therefore $x \geq 5$ is the solution.", r"x \geq 5") and grade(r"Answer \( 9 \)", "9")
+    assert grade(r"<think>3 or 4?</think> The final answer is 4", "4") and grade("28 percent", r"28\%")
+    assert grade(r"\boxed{1},\boxed{2},\boxed{3}", r"\{1,2,3\}") and not grade(r"\boxed{1},\boxed{2}", r"\{1,2,3\}")
+    assert grade(r"$$\boxed{k = 45} \quad \text{and} \quad \boxed{n = 2}$$", "k = 45, n = 2")
 
 
 # --------------------------------------------------------------------------------------- fast path
@@ -156,22 +82,19 @@ def test_full_responses():
         ("0.5", r"\frac{1}{2}", True), ("3/4", "0.75", True), (r"-\frac{3}{4}", r"\frac{-3}{4}", True),
         ("10", r"10\%", True), ("0.1", r"10\%", True), ("75", "0.75", False), ("2", "2.000001", False),
         (r"\frac{1}{3}", "0.333333", True), (r"\frac{1}{3}", "0.33", False), ("30", r"30^\circ", True),
-        ("5", r"5\,\text{cm}", True), ("7", "07", True), ("Yes", "yes.", True), ("No", r"\textbf{No}", True),
-        (r"\text{(C)}", "C", True), (r"\text{(C)}", "(D)", False), ("18", "18.", False),
+        ("5", r"5\,\text{cm}", True), ("7", "07", True), ("No", r"\textbf{No}", True),
+        (r"\text{(C)}", "C", True), (r"\text{(C)}", "(D)", False), ("18", "18.", False), ("-7", "-7.0", True),
     ],
 )
 def test_fast_path_follows_math_verify(gold, answer, expected):
-    assert grade_answer(answer, gold) is expected
-    if (gold, answer) != ("Yes", "yes."):  # deliberately more lenient than math-verify on word answers
-        import math_verify
-
-        boxed = [math_verify.parse("\\boxed{" + text + "}", parsing_timeout=None) for text in (gold, answer)]
-        assert math_verify.verify(*boxed, timeout_seconds=None) is expected
+    assert grade_answer(answer, gold) is expected is _mv_boxed(gold, answer)
 
 
 def test_fast_path_needs_no_worker():
     with Grader(processes=1) as grader:
-        assert grader.grade_groups([(["18", "19", r"\$18", "18.0"], "18", "math")]) == [[True, False, True, True]]
+        responses = [r"so \boxed{18}", "It is 19.", "It costs $18.", r"\boxed{18.0} \confidence{1}", "no number"]
+        assert grader.grade_groups([(responses, "18", "math")]) == [[True, False, True, True, False]]
+        assert grader.stats["fast"] == 5
         assert grader.grade_answer("B", "B", "choice")
         assert grader.worker_pids() == []  # nothing was started
 
@@ -218,6 +141,12 @@ PATHOLOGICAL = [
     "x" * 100_000,
     "(" * 5_000 + ")" * 5_000,
     "2**2**2**2**2**2",
+    r"\int_0^{\infty} e^{-x^{1000}} dx",
+    r"\sum_{n=1}^{100000} \frac{1}{n^{3}}",
+    r"\prod_{k=1}^{5000} \left(1 + \frac{1}{k^2}\right)",
+    r"\lim_{n \to \infty} \left(1 + \frac{1}{n}\right)^{n^{500}}",
+    r"\int_0^1 \int_0^1 \int_0^1 \int_0^1 x y z w \, dx\, dy\, dz\, dw",
+    r"\frac{d^{200}}{dx^{200}} \sin(x^{300})",
 ]
 
 
@@ -231,25 +160,35 @@ def test_prescreen_allows_what_the_gold_itself_needs():
     assert prescreen("2^{200000}", "1") is not None
     assert prescreen("2^{200000}", "2^{200000}") is None  # the gold is that large itself
     assert prescreen("(x+1)^{2}", "x^2+2x+1") is None and prescreen("2023!", "2023!") is None
+    assert prescreen(r"\sum_{k=1}^{100} k", "5050") is None and prescreen(r"\int_0^1 x^2 dx", "1/3") is None
+    assert prescreen(r"\sum_{k=1}^{1000} k", "5050") is not None
+    assert prescreen(r"\sum_{k=1}^{1000} k", r"\sum_{k=1}^{1000} k") is None
 
 
-def test_pathological_answers_from_eight_threads_are_fast_and_false():
+def _pathological_response(i: int):
+    answer = PATHOLOGICAL[i % len(PATHOLOGICAL)]
+    if i % 3 == 0:
+        return answer  # bare text
+    if isinstance(answer, bytes):
+        return b"so \\boxed{" + answer + b"} \\confidence{0.9}"
+    return ("so \\boxed{" + answer + "} \\confidence{0.9}") if i % 3 == 1 else f"The final answer is ${answer}$."
+
+
+def test_pathological_answers_from_eight_threads_are_false_and_never_parsed():
     golds = ["2", "x^2 + 1", r"\frac{1}{2}", r"\left( 3, \frac{\pi}{2} \right)"]
-    jobs = [(PATHOLOGICAL[i % len(PATHOLOGICAL)], golds[i % len(golds)], i % 2 == 0) for i in range(200)]
-
-    def run(job):
-        answer, gold, full = job
-        if not full:
-            return grade_answer(answer, gold)
-        if isinstance(answer, bytes):
-            return grade(b"so \\boxed{" + answer + b"} \\confidence{0.9}", gold)
-        return grade("so \\boxed{" + answer + "} \\confidence{0.9}", gold)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        verdicts = list(pool.map(run, jobs))
-    assert time.perf_counter() - start < 30.0
+    jobs = [(_pathological_response(i), golds[i % len(golds)]) for i in range(200)]
+    with Grader(processes=2) as grader, ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda job: grader.grade(*job), jobs))
+        assert grader.worker_pids() == []  # nothing reached math-verify: rejected in this process
+        assert grader.stats["screened"] + grader.stats["fast"] == len(jobs)  # screened, or nothing to read
     assert verdicts == [False] * len(jobs)
+
+
+def test_a_pathological_expression_later_in_the_text_is_rejected_in_the_worker():
+    response = "We find $" + PATHOLOGICAL[0] + r"$ and $\boxed{x^{2} +}$"  # the box does not parse, the tower would
+    with Grader(processes=1) as grader:
+        assert grader.grade(response, "2") is False
+        assert grader.stats["rejected"] == 1 and grader.stats["killed"] == 0
 
 
 # ---------------------------------------------------------------------------- threads, asyncio, pool
@@ -273,7 +212,7 @@ def test_grading_inside_an_asyncio_loop():
 
 
 def test_concurrent_batches_from_threads_agree():
-    groups = _groups(5, 50)
+    groups = _groups(5, 25)
     expected = grade_groups(groups)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(grade_groups, [groups] * 4))
@@ -284,15 +223,25 @@ SLOW = r"\int_0^1 \sin(x^{7}) e^{x^{3}} dx"  # passes the pre-screen; sympy trie
 
 
 @pytest.mark.slow
-def test_worker_missing_its_deadline_is_replaced():
-    with Grader(processes=1, timeout_s=4.0) as grader:
+def test_response_missing_its_deadline_is_false_and_the_worker_goes_on():
+    with Grader(processes=1, timeout_s=1.0) as grader:
         grader.warmup()
         before = grader.worker_pids()
-        verdicts = grader.grade_groups([([SLOW, "2(x+1)", "2x", "x+1+x+1"], "2x+2", "math")])
-        assert verdicts == [[False, True, False, True]]  # only the culprit is False; the rest were re-run
-        after = grader.worker_pids()
-        assert len(after) == 1 and after != before
-        assert grader.grade_answer(r"\frac{2x+2}{2}", "x+1")  # the replacement works
+        responses = [f"\\boxed{{{a}}}" for a in (SLOW, "2(x+1)", "2x", "x+1+x+1")]
+        assert grader.grade_groups([(responses, "2x+2", "math")]) == [[False, True, False, True]]
+        assert grader.stats["deadline"] == 1 and grader.worker_pids() == before  # interrupted, not killed
+
+
+def test_silent_worker_is_killed_and_replaced():
+    with Grader(processes=1, timeout_s=0.5) as grader:
+        grader.warmup()
+        (pid,) = grader.worker_pids()
+        os.kill(pid, signal.SIGSTOP)  # stuck: no deadline inside can fire
+        responses = [r"\boxed{(x+1)^2}", r"\boxed{x^2+2x+1}"]
+        # silent before parsing the gold: the gold is blamed, its responses are False in this call
+        assert grader.grade_groups([(responses, "x^2+2x+1", "math")]) == [[False, False]]
+        assert grader.stats["killed"] == 1 and grader.worker_pids() != [pid]
+        assert grader.grade_groups([(responses, "x^2+2x+1", "math")]) == [[True, True]]  # the replacement works
 
 
 def test_worker_killed_from_outside_is_replaced():
@@ -314,3 +263,36 @@ def test_closed_grader_refuses_work_and_default_is_recreated():
     assert grader.grade_answer("18", "18")  # the fast path needs no pool
     default = grading.get_grader()
     assert default is grading.get_grader() and not default.closed
+
+
+def test_choice_golds_are_normalized_at_load_time(tmp_path):
+    import json
+
+    from corea.data.loaders import load_qa
+
+    rows = [{"id": "a", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "(C) Alina"},
+            {"id": "b", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "B Cecile"},
+            {"id": "c", "question": "Who?", "choices": ["Peter", "Cecile", "Alina"], "answer": "a"}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.gold for r in load_qa(path)] == ["C", "B", "A"]
+    for bad in ("Alina and the answer is\n(C) Alina", "(B) Alina", "D"):
+        path.write_text(json.dumps({**rows[0], "answer": bad}) + "\n")
+        with pytest.raises(ValueError, match="answer"):
+            load_qa(path)
+
+
+def test_training_rewards_use_the_configured_deadline():
+    from corea.train.actors import RewardActor
+    from corea.train.config import RewardConfig
+
+    assert RewardConfig().grading_timeout_s == 1.0 < grading.TIMEOUT_S
+    with pytest.raises(ValueError):
+        RewardConfig(grading_timeout_s=0)
+    try:
+        actor = RewardActor("l1", None, RewardConfig(grading_timeout_s=0.5).grading_timeout_s)
+        assert grading.get_grader().timeout_s == 0.5
+        (rewards,) = actor.score([([r"\boxed{18} \confidence{1}", "19"], "18", "math", None)])
+        assert [r["correctness"] for r in rewards] == [1.0, 0.0]
+    finally:
+        grading.configure()

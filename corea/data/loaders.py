@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from corea.answer_checks import normalize_choice_gold
 from corea.data.readers import Row, read_rows
 from corea.data.records import DatasetError, Kind, Record, check_unique_ids
 from corea.protocol import CHOICE_LETTERS
@@ -184,12 +185,23 @@ def _choice_options(row: Row, raw: Any) -> tuple[tuple[str, ...], tuple[str, ...
 
 
 def _letter(row: Row, options: Sequence[str], *names: str) -> str:
-    """The answer letter from the first present of ``names``, checked against the options."""
-    letter = row.text(*names).upper()
+    """The answer letter from the first present of ``names``, written ``X``, ``(X) text`` or ``X text``
+    (``corea.answer_checks.normalize_choice_gold``), checked against the options; a text after the letter
+    must name that option."""
+    raw, name = row.text(*names), next(n for n in names if row.has(n))
     letters = CHOICE_LETTERS[: len(options)]
-    if letter not in letters:
-        name = next(n for n in names if row.has(n))
-        raise row.error(f"field '{name}' must be one of {', '.join(letters)}, got {letter!r}")
+    try:
+        letter = normalize_choice_gold(raw)
+    except ValueError:
+        letter = None
+    if letter is None and len(raw.strip()) > 1:
+        raise row.error(f"field '{name}' must be a letter {', '.join(letters)}, '(X) text' or 'X text', got {raw!r}")
+    if letter is None or letter not in letters:
+        raise row.error(f"field '{name}' must be one of {', '.join(letters)}, got {raw!r}")
+    text = " ".join(re.sub(r"^\(?[A-J]\)?[.):]?", "", raw.strip(), flags=re.I).split()).lower()
+    option = " ".join(options[letters.index(letter)].split()).lower()
+    if text and text not in option and option not in text:
+        raise row.error(f"field '{name}' is {raw!r} but option {letter} is {options[letters.index(letter)]!r}")
     return letter
 
 

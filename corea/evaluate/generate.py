@@ -108,7 +108,8 @@ def grade_batch(batch: pd.DataFrame, style: str = "corea", processes: int = 1) -
     """Answer, confidence and correctness of each response (run as Ray Data tasks; the grader's worker
     processes live on in the reused Ray worker).
 
-    ``corea`` style: the last \\boxed{} graded against gold, the last \\confidence{}. ``router`` style:
+    ``corea`` style: the whole response graded against gold (``corea.grading``); the last \\boxed{} is the
+    answer shown, the last \\confidence{} the confidence. ``router`` style:
     confidence = p_router (the first number of the output, valid in [0, 1]), answer None, correct False."""
     from corea import grading
     from corea.protocol import parse_response
@@ -124,7 +125,7 @@ def grade_batch(batch: pd.DataFrame, style: str = "corea", processes: int = 1) -
     if grader.processes != processes and not grader.worker_pids():
         grader = grading.configure(processes=max(1, processes))
     parsed = [parse_response(t) for t in texts]
-    verdicts = grader.grade_groups([([p.answer], g, k) for p, g, k in zip(parsed, batch["gold"], batch["kind"])])
+    verdicts = grader.grade_groups([([t], g, k) for t, g, k in zip(texts, batch["gold"], batch["kind"])])
     batch["answer"] = [p.answer for p in parsed]
     batch["confidence"] = [np.nan if p.confidence is None else p.confidence for p in parsed]
     batch["correct"] = [bool(v[0]) for v in verdicts]

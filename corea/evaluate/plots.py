@@ -1,7 +1,8 @@
-"""Report plots (matplotlib, Agg backend): Pareto curves, threshold curves, reliability diagrams, histograms.
+"""Report plots (matplotlib, Agg backend): Pareto curves, threshold curves, reliability diagrams, histograms,
+risk-coverage curves.
 
 Group curves are the macro means over the group's datasets at each threshold (as in the tables); reliability
-diagrams and histograms pool the rows of the group's datasets.
+diagrams, histograms and risk-coverage curves pool the rows of the group's datasets.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from corea.metrics import reliability_bins  # noqa: E402
+from corea.metrics import aurc, reliability_bins, risk_coverage  # noqa: E402
 
 _COLORS = {"SLM-Verb": "#7f7f7f", "RLVR-SLM-Verb": "#1f77b4", "RLVR-SLM-AvgProb": "#17becf",
            "RLVR-SLM-Probe": "#9467bd", "Router + RLVR-SLM": "#8c564b", "Brier-SLM-Verb": "#ff7f0e",
@@ -184,6 +185,28 @@ def histograms(data, group: str, path: Path, n_bins: int = 20) -> Path:
     return path
 
 
+def risk_coverage_curves(data, group: str, path: Path) -> Path:
+    """Risk (error rate, %) of the most confident responses against coverage (%), every confidence source in
+    one panel, its AURC in the legend (``corea.metrics.risk_coverage``; no confidence ranks last)."""
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for src, frame in data.sources.items():
+        frame = frame[frame["group"] == group]
+        if frame.empty:
+            continue
+        score, correct = frame["score"].to_numpy(float), frame["correct"].to_numpy(bool)
+        coverage, risk = risk_coverage(score, correct)
+        ax.plot(100 * coverage, 100 * risk, lw=1.4, color=_COLORS.get(src),
+                label=f"{src} (AURC {100 * aurc(score, correct):.1f})")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("coverage (%)")
+    ax.set_ylabel("risk: error rate of the answered (%)")
+    ax.set_title(f"Risk-coverage: {_label(group)}")
+    _legend(fig, [ax])
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_plots(data, out: Path) -> list[str]:
     """All plots into ``out``; returns their file names."""
     out = Path(out)
@@ -194,4 +217,5 @@ def write_plots(data, out: Path) -> list[str]:
         for g in data.scopes:
             paths.append(reliability(data, g, out / f"reliability_{g}.png"))
             paths.append(histograms(data, g, out / f"confidence_hist_{g}.png"))
+            paths.append(risk_coverage_curves(data, g, out / f"risk_coverage_{g}.png"))
     return [p.name for p in paths]

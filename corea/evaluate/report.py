@@ -1,7 +1,7 @@
 """The evaluation report from saved records (no generation): ``report.md``, ``summary.json``, CSVs and plots.
 
 ``summary.json``: {"systems": {system: {group: {pass_at_1, avg_cost, slm_cost, llm_cost, relative_cost, llm_pct,
-ece, auroc, ... and *_ci intervals}}}, "datasets": the same per dataset, "llm": the LLM-only reference,
+ece, auroc, brier, aurc, selective_accuracy_50/_80, ... and *_ci intervals}}}, "datasets": the same per dataset, "llm": the LLM-only reference,
 "threshold": {"rule", "by_dataset"}, "metrics": per confidence source, "threshold_selection": [...],
 "sweeps": per system and group, "absent_systems": [...]}. Costs are per query in SLM input-token units;
 relative_cost is a fraction of the LLM-only cost; llm_pct a percentage; NaN is written as null.
@@ -119,7 +119,8 @@ def _entry(data: ReportData, system: str, scope: str) -> dict:
     for f, iv in ivs.items():
         out[f"{f}_ci"] = [iv.low, iv.high]
     row = next(r for r in data.metrics[system] if r.scope == scope)
-    for key in ("ece", "auroc", "confidence_output_ratio"):
+    for key in ("ece", "auroc", "confidence_output_ratio", "brier", "aurc", "selective_accuracy_50",
+                "selective_accuracy_80"):
         out[key], out[f"{key}_ci"] = row.values[key].value, [row.values[key].low, row.values[key].high]
     out["slm_pass_at_1"], out["slm_pass_at_1_std"] = row.values["pass_at_1"].value, row.pass_at_1_std
     if scope in data.thresholds:
@@ -224,8 +225,10 @@ def interval_table(data: ReportData, scopes: list[str]) -> str:
 
 
 def metrics_table(data: ReportData, scopes: list[str]) -> str:
-    """Confidence quality per source: pass@1 ± std over runs, ECE, AUROC, confidence output ratio (95% CI)."""
-    header = ["Source", "Scope", "Pass@1 (%)", "± std", "ECE (%)", "AUROC (%)", "COR (%)"]
+    """Confidence quality per source: pass@1 ± std over runs, ECE, AUROC, confidence output ratio, Brier,
+    AURC and selective accuracy at 50% / 80% coverage (95% CI)."""
+    header = ["Source", "Scope", "Pass@1 (%)", "± std", "ECE (%)", "AUROC (%)", "COR (%)", "Brier (%)",
+              "AURC (%)", "Sel@50 (%)", "Sel@80 (%)"]
     rows = []
     for source, mrows in data.metrics.items():
         for r in mrows:
@@ -233,7 +236,8 @@ def metrics_table(data: ReportData, scopes: list[str]) -> str:
                 continue
             v = r.values
             rows.append([source, _label(r.scope), _ci(v["pass_at_1"]), _pct(r.pass_at_1_std), _ci(v["ece"]),
-                         _ci(v["auroc"]), _ci(v["confidence_output_ratio"])])
+                         _ci(v["auroc"]), _ci(v["confidence_output_ratio"]), _ci(v["brier"]), _ci(v["aurc"]),
+                         _ci(v["selective_accuracy_50"]), _ci(v["selective_accuracy_80"])])
     return _table(header, rows)
 
 

@@ -7,6 +7,9 @@ For one dataset with rows (question q, run r), correctness y and confidence c (N
     ECE           sum_m |B_m|/N |acc(B_m) - conf(B_m)|, 10 equal-width bins, rows with a confidence
     AUROC         P(c_correct > c_wrong) + P(tie)/2, rows with a confidence (NaN with one class)
     COR           share of rows with a confidence
+    Brier         mean (c - y)^2, rows with a confidence
+    AURC          mean over k of the error rate of the k most confident rows (no confidence ranks last)
+    Sel@q         accuracy of the ceil(q N) most confident rows, q = 50%, 80% (``corea.metrics``)
 
 A group's value is the macro mean over its datasets (datasets with an undefined value are skipped); its
 pass@1 std is the std over runs of the macro-mean per-run pass@1. Intervals are percentile bootstraps that
@@ -23,9 +26,10 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from corea.metrics import Interval
+from corea.metrics import SELECTIVE_COVERAGES, Interval, aurc, brier, selective_accuracy
 
-METRICS = ("pass_at_1", "ece", "auroc", "confidence_output_ratio")
+METRICS = ("pass_at_1", "ece", "auroc", "confidence_output_ratio", "brier", "aurc", "selective_accuracy_50",
+           "selective_accuracy_80")
 GROUP_ORDER = ("in_domain", "ood_math", "ood_nonmath", "custom")
 GROUP_LABELS = {
     "in_domain": "In-domain",
@@ -60,7 +64,7 @@ def auroc_fast(score: np.ndarray, correct: np.ndarray) -> float:
 
 
 def metric_vector(score: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """[pass@1, ECE, AUROC, COR] of one set of rows (the order of ``METRICS``)."""
+    """[pass@1, ECE, AUROC, COR, Brier, AURC, Sel@50, Sel@80] of one set of rows (the order of ``METRICS``)."""
     if correct.size == 0:
         return np.full(len(METRICS), np.nan)
     return np.array([
@@ -68,6 +72,9 @@ def metric_vector(score: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> n
         ece_fast(score, correct, n_bins),
         auroc_fast(score, correct),
         float((~np.isnan(score)).mean()),
+        brier(score, correct),
+        aurc(score, correct),
+        *(selective_accuracy(score, correct, q) for q in SELECTIVE_COVERAGES),
     ])
 
 

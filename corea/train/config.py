@@ -37,6 +37,7 @@ class DataConfig(StrictModel):
 class RewardConfig(StrictModel):
     confidence_reward: str = "l1"
     weights: RewardWeights = Field(default_factory=RewardWeights)
+    grading_timeout_s: float = Field(1.0, gt=0, le=60, description="per-response math-verify deadline, seconds")
 
     @model_validator(mode="after")
     def _known(self) -> "RewardConfig":

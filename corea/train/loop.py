@@ -67,6 +67,10 @@ def step_metrics(rewards: list[list[dict]], rollouts: list[dict]) -> dict[str, f
         "pass_at_1": metrics.pass_at_1(correct),
         "ece": metrics.ece(conf, correct),
         "auroc": metrics.auroc(conf, correct),
+        "brier": metrics.brier(conf, correct),
+        "aurc": metrics.aurc(conf, correct),
+        **{f"selective_accuracy@{round(100 * q)}": metrics.selective_accuracy(conf, correct, q)
+           for q in metrics.SELECTIVE_COVERAGES},
         "confidence_output_ratio": metrics.confidence_output_ratio(conf),
         "response_length": float(np.mean(lengths)),
         "truncated_fraction": float(np.mean([s["finish_reason"] == "length" for g in rollouts for s in g["samples"]])),

@@ -82,7 +82,7 @@ class ClusterActors:
         self.reward = [
             ray.remote(RewardActor)
             .options(name=f"{run_name}-reward-{i}", num_cpus=r.reward_cpus, max_restarts=-1)
-            .remote(cfg.reward.confidence_reward, cfg.reward.weights.model_dump())
+            .remote(cfg.reward.confidence_reward, cfg.reward.weights.model_dump(), cfg.reward.grading_timeout_s)
             for i in range(r.reward_actors)
         ]
         first_trainer = r.rollout_workers

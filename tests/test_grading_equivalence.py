@@ -1,0 +1,145 @@
+"""Equivalence with math-verify: ``grade`` IS math-verify's verdict, and agrees with public labels.
+
+Public labelled cases (``tests/data/public_math_cases.json``, ``public_choice_cases.json``), each row naming
+its origin (repository@commit:path::test); taken from the test files of
+- huggingface/Math-Verify (tests/test_all.py, test_boxed.py, test_numina_cases.py, test_open_thoughts.py,
+  test_yujianll.py, test_string_extraction.py), https://github.com/huggingface/Math-Verify
+- huggingface/lighteval (tests/unit/metrics/test_extractive_match.py), https://github.com/huggingface/lighteval
+- NVIDIA/NeMo-Skills (tests/test_math_equal.py, both directions of each pair), https://github.com/NVIDIA/NeMo-Skills
+- hendrycks/math (modeling/math_equivalence_test.py), https://github.com/hendrycks/math
+- EleutherAI/lm-evaluation-harness (tests/test_filters.py), https://github.com/EleutherAI/lm-evaluation-harness
+The math rows were read from those files with Python's ``ast`` (parametrize tuples gold, pred, expected; tests
+run with non-default precision, strictness or language left out). "Plain math-verify" is
+``verify(parse(gold), parse(response))`` with its defaults; the reference is the same with the gold as corea
+reads it, ``parse(math_gold_text(gold))``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+from corea import grading_fast
+from corea.answer_checks import math_gold_text
+from corea.grading import Grader
+
+DATA = Path(__file__).parent / "data"
+MATH_CASES = json.loads((DATA / "public_math_cases.json").read_text())
+CHOICE_CASES = json.loads((DATA / "public_choice_cases.json").read_text())
+
+
+def _verify(gold_text: str, response: str) -> bool:
+    import math_verify
+
+    return bool(math_verify.verify(math_verify.parse(gold_text), math_verify.parse(response)))
+
+
+def _reference_and_plain(gold: str, response: str) -> tuple[bool, bool]:
+    """(reference, plain math-verify) verdicts, the response parsed once."""
+    import math_verify
+
+    parsed = math_verify.parse(response)
+    return tuple(bool(math_verify.verify(math_verify.parse(g), parsed)) for g in (math_gold_text(gold), gold))
+
+
+def reference(gold: str, response: str) -> bool:
+    """math-verify's verdict as corea defines correctness (main thread: its own signal timeouts apply)."""
+    return _verify(math_gold_text(gold), response)
+
+
+@pytest.fixture(scope="module")
+def grader():
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    with Grader(processes=2) as g:
+        yield g
+
+
+@pytest.mark.slow  # ~20 s of CPU: 310 cases graded, and twice more by plain math-verify
+def test_public_math_cases_are_math_verify_verdicts_and_agree_with_labels_as_often(grader):
+    groups = [([c["response"]], c["gold"], "math") for c in MATH_CASES]
+    ours = [row[0] for row in grader.grade_groups(groups)]
+    ref, plain = zip(*(_reference_and_plain(c["gold"], c["response"]) for c in MATH_CASES))
+    expected = [c["expected"] for c in MATH_CASES]
+    differ = [(c["gold"], c["response"]) for c, a, b in zip(MATH_CASES, ours, ref) if a != b]
+    assert len(MATH_CASES) >= 300 and not differ, differ
+    agree_ours = sum(a == e for a, e in zip(ours, expected))
+    agree_plain = sum(a == e for a, e in zip(plain, expected))
+    print(f"\npublic math cases: {len(MATH_CASES)}; labels agree with grade {agree_ours}, plain math-verify "
+          f"{agree_plain}; grade == reference on all; paths {grader.stats}")
+    assert agree_ours >= agree_plain
+    assert agree_ours >= 0.85 * len(MATH_CASES)
+
+
+def _variants(rng: random.Random) -> list[tuple[str, str]]:
+    """(gold, response) pairs in the shapes rollouts take: boxed or not, numbers in many spellings."""
+    golds = ["18", "-7", "0", "1000", "0.75", "3.5", r"\frac{3}{4}", r"-\frac{1}{2}", r"\frac{10}{4}", "25",
+             r"\dfrac{7}{3}", "2,1", r"\sqrt{2}", "x^2+1", r"(3, \frac{\pi}{2})", r"\{1,2,3\}", "12.50", "007"]
+    answers = ["18", "19", "-7", "7", "0", "0.0", "1,000", "1000", "1000.0", ".75", "0.75", r"\frac34",
+               r"\frac{3}{4}", "3/4", "75\\%", "3.5", r"\frac{7}{2}", "-0.5", r"-\frac{1}{2}", "2.5", r"\frac{5}{2}",
+               r"\$25", r"25\text{ cm}", "25.0000001", "2.333333", r"\frac{7}{3}", "1, 2", r"\sqrt 2", "1.414214",
+               "x^2 + 1", r"\left( 3, \frac{\pi}{2} \right)", "{1, 2, 3}", "12.5", "7", "08", "12.500"]
+    frames = [r"So the answer is \boxed{{{a}}}. \confidence{{0.8}}", r"Thus $\boxed{{{a}}}$", "The final answer is {a}",
+              "Answer: ${a}$", r"We get $x = {a}$.", "{a}", r"\boxed{{{a}}} or maybe \boxed{{{b}}}",
+              r"\boxed{{{a}}}, \boxed{{{b}}}", r"first \boxed{{{b}}}, and after checking again the value is \boxed{{{a}}}",
+              "<think>it could be {b}</think> the answer is {a}", r"\[ {a} \]"]
+    pairs = []
+    for _ in range(160):
+        a, b = rng.choice(answers), rng.choice(answers)
+        pairs.append((rng.choice(golds), rng.choice(frames).format(a=a, b=b)))
+    return pairs
+
+
+def test_generated_variants_equal_plain_math_verify(grader):
+    pairs = _variants(random.Random(0))
+    before = dict(grader.stats)
+    ours = [row[0] for row in grader.grade_groups([([r], g, "math") for g, r in pairs])]
+    ref = [reference(g, r) for g, r in pairs]
+    differ = [(g, r, a, b) for (g, r), a, b in zip(pairs, ours, ref) if a != b]
+    assert not differ, differ
+    fast = grader.stats["fast"] - before["fast"]
+    assert fast >= len(pairs) // 4 and any(ours) and not all(ours)  # the fast path decided many of them
+
+
+@pytest.mark.parametrize("text", ["18", "-7", "007", "0", "-0", "3.5", "12.50", "-0.125", "1000000000000000000001",
+                                  "2.71828182845904523536", r"\frac{3}{4}", r"-\frac{1}{2}", r"\frac{10}{4}",
+                                  r"\frac{4}{2}", r"\frac{0}{5}"])
+def test_fast_path_builds_what_latex2sympy_builds(text):
+    from latex2sympy2_extended.latex2sympy2 import latex2sympy
+    from sympy import srepr
+
+    parsed = latex2sympy(text, is_real=True, convert_degrees=False, normalization_config=None)
+    assert srepr(grading_fast._plain_number(text)) == srepr(parsed)
+    assert grading_fast._plain_number("2.718281828459045235360") is None  # too long for the fast path: the pool
+
+
+def test_fast_path_parse_equals_math_verify_parse():
+    import math_verify
+    from sympy import srepr
+
+    decided = 0
+    for text in [r"so \boxed{18} \confidence{0.9}", "The final answer is 3.5", r"Answer: $-\frac{1}{2}$", "x", "",
+                 r"$\frac{7}{3}$ and then 12", r"\boxed{1,000}", r"\boxed{x+1}", "It is 42 percent", "so 0012",
+                 "-7 apples", "it is 1,000.50 dollars", "we get -0.25.", "0", "costs $18", "x = 007.5", "12,5",
+                 "2.718281828459045235360287", r"\boxed{-0.125}", r"\boxed{3.0}", r"\boxed{0.5}"]:
+        fast = grading_fast.fast_parse(text)
+        decided += fast is not None
+        if fast is not None:
+            assert [srepr(v) if not isinstance(v, str) else v for v in fast] == \
+                [srepr(v) if not isinstance(v, str) else v for v in math_verify.parse(text)], text
+    assert decided >= 15
+
+
+def test_public_choice_cases_as_harnesses_read_them(grader):
+    agree = 0
+    for case in CHOICE_CASES:
+        if case.get("gold_rejected"):
+            with pytest.raises(ValueError, match="choice gold"):
+                grader.grade(case["response"], case["gold"], "choice")
+            continue
+        agree += grader.grade(case["response"], case["gold"], "choice") == case["expected"]
+    scored = sum(not c.get("gold_rejected") for c in CHOICE_CASES)
+    assert agree == scored, f"{agree}/{scored}"
