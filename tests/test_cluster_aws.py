@@ -132,6 +132,8 @@ def aws(tmp_path_factory):
             yield types.SimpleNamespace(ec2=ec2, subnet=subnet, group=group, requests=requests, laptop=laptop,
                                         raw_config=raw_config, config=config, groups_before=groups_before,
                                         bootstrap_requests=bootstrap_requests)
+        for cached in (aws_utils.resource_cache, aws_utils.client_cache, aws_config._get_subnets_or_die):
+            cached.cache_clear()  # their clients belong to the simulated account
 
 
 def _sent(requests, operation: str) -> list[dict]:
