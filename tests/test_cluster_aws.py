@@ -8,7 +8,8 @@ rsync command lines instead of running them, and the assertions read those lines
 
 moto creates the 16 interfaces in the given subnet and group but keeps neither `NetworkCardIndex` nor
 `InterfaceType` (it records every one as card 0, type "interface"): the EFA layout is asserted on the
-RunInstances request Ray sends, captured with botocore's `provide-client-params` event hook. moto does not implement placement groups either; the request's `Placement` is asserted instead.
+RunInstances request Ray sends, captured with botocore's `provide-client-params` event hook. moto does not
+implement placement groups either; the request's `Placement` is asserted instead.
 """
 
 import copy

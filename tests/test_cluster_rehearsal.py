@@ -189,7 +189,8 @@ def test_head_and_worker_start_commands_join_with_token_auth(tmp_path):
         assert httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
         stranger = tmp_path / "stranger"  # no token file, RAY_AUTH_MODE unset: an unauthenticated client
         stranger.mkdir()
-        refused = subprocess.run([sys.executable, "-c", CLIENT, f"127.0.0.1:{gcs}"], env=_env(stranger),
+        refused = subprocess.run([sys.executable, "-c", CLIENT, f"127.0.0.1:{gcs}"],
+                                 env=_env(stranger, RAY_py_gcs_connect_timeout_s="5"),  # it is refused at once
                                  capture_output=True, text=True, timeout=120)
         assert refused.returncode == 3 and refused.stdout.startswith("refused:"), refused.stderr[-2000:]
         assert "Authentication token is missing or incorrect" in refused.stdout + refused.stderr
@@ -203,9 +204,10 @@ def test_ray_start_with_token_mode_refuses_to_start_without_a_token(tmp_path):
     """Why the token is generated on the laptop and mounted: `ray start` never creates one."""
     temp_dir = tempfile.mkdtemp(prefix="rr", dir="/tmp")
     try:
-        started = subprocess.run([RAY, "start", "--head", f"--port={_port()}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                                  "--disable-usage-stats"], env=_env(tmp_path, RAY_AUTH_MODE="token"),
-                                 capture_output=True, text=True, timeout=100)
+        started = subprocess.run([RAY, "start", "--head", f"--port={_port()}", "--num-cpus=1",
+                                  f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                                 env=_env(tmp_path, RAY_AUTH_MODE="token"), capture_output=True, text=True,
+                                 timeout=100)
         assert started.returncode != 0
         assert "no authentication token was found" in started.stdout + started.stderr
         assert not (tmp_path / ".ray" / "auth_token").exists()
