@@ -28,8 +28,11 @@ def defers(confidence: float | None, tau: float) -> bool:
 
 
 def defers_many(confidence: Sequence[float | None], tau: float) -> np.ndarray:
-    """``defers`` elementwise."""
-    conf = np.array([np.nan if c is None else c for c in confidence], dtype=float)
+    """``defers`` elementwise (float arrays are used as they are: NaN is missing)."""
+    if isinstance(confidence, np.ndarray) and confidence.dtype.kind == "f":
+        conf = confidence
+    else:
+        conf = np.array([np.nan if c is None else c for c in confidence], dtype=float)
     return np.isnan(conf) | (conf < tau)
 
 

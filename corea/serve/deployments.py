@@ -120,6 +120,31 @@ class TierServer:
         except ValueError as exc:
             return {"error": str(exc)}
 
+    def _continue(self, messages, prefix: str, sampling) -> dict[str, Any]:
+        import time as _time
+
+        from corea.collab.tiers import to_output
+
+        start = _time.perf_counter()
+        out = to_output(self.engine.continue_prompts([(messages, prefix)], sampling)[0])
+        return {**out, "gen_s": _time.perf_counter() - start}
+
+    async def continue_step(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]
+                            ) -> dict[str, Any]:
+        """Continue the assistant message after ``prefix`` (one step with ``stop``), with each token's
+        probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take."""
+        from corea.collab.tiers import sampling_params
+
+        try:
+            sampling = sampling_params(params)
+            n_in = len(self.engine.encode(messages)) + len(self.engine.tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            if self.max_model_len and n_in + sampling.max_tokens > self.max_model_len:
+                raise ValueError(f"the prompt and prefix ({n_in} tokens) plus max_tokens ({sampling.max_tokens}) "
+                                 f"exceed the model's context of {self.max_model_len} tokens")
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, sampling)
+
     async def stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """``{"delta": text}`` items, then ``{"usage", "finish_reason"}``. Completion tokens are counted by
         re-tokenizing the streamed text (plus the end-of-sequence token when it stopped on its own)."""
@@ -151,6 +176,19 @@ class HandleTier:
 
     async def generate(self, messages, params) -> dict[str, Any]:
         response = self.handle.generate.remote(messages, params)
+        try:
+            out = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:
+            raise TierUnavailable(self.tier, _reason(exc)) from None
+        if "error" in out:
+            raise TierRejected(out["error"])
+        return out
+
+    async def continue_step(self, messages, prefix: str, params) -> dict[str, Any]:
+        response = self.handle.continue_step.remote(messages, prefix, params)
         try:
             out = await response
         except asyncio.CancelledError:
@@ -220,6 +258,9 @@ class _CascadeIngress:
         self.cascade = _cascade(cfg, self.tiers["slm"], self.tiers["llm"])
         self.settings = IngressSettings.from_config(cfg, cfg.auth.api_key_sha256)
         self.metrics = CascadeMetrics(cfg.metrics.ray_export)
+        from corea.serve.strategies import StrategyServer
+
+        self.strategies = StrategyServer(self.tiers["slm"], self.tiers["llm"], cfg, self.metrics)
 
     async def probe(self) -> dict[str, str]:
         names = [n for n, t in self.tiers.items() if t is not None]
@@ -227,7 +268,7 @@ class _CascadeIngress:
         return dict(zip(names, states))
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.cascade, self.settings, self.metrics, self.probe)
+        return create_app(self.cascade, self.settings, self.metrics, self.probe, self.strategies)
 
 
 class _DirectSLM(TierServer):

@@ -1,0 +1,139 @@
+"""A miniature where steps matter: chained arithmetic written one operation per step, "((a + b) * c) - d".
+
+Every question chains three operations on small integers; half of them hold one multiplication. The answer is
+one step per operation, a blank line after each, then ``\\boxed{result} \\confidence{c}``:
+
+    3 + 4 = 7\\n\\n7 * 2 = 14\\n\\n14 - 5 = 9\\n\\n\\boxed{9} \\confidence{1.0}
+
+The tiny SLM is taught additions and subtractions exactly and multiplications poorly: in its fine-tuning data a
+product is off by -2..2 (uniformly, so the right value is no likelier than four wrong ones), later steps
+carrying the written value on. It therefore hesitates at exactly the multiplication steps (its token
+probability there is ~0.2) and states a low confidence (0.2) on questions with a multiplication, 1.0 on others,
+as an RLCC-calibrated SLM would. The tiny LLM is taught every step exactly. Both also learn COPE's formats
+(``corea.collab.prompts``): a one-line plan, and an answer following a given plan. As in ``corea demo``, the
+tiny models learn the task's questions (no tiny model generalizes arithmetic in minutes); the splits (train for
+the stepwise policy, calibration for the mixture and thresholds, held-out eval) differ only in their role.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from corea.collab.prompts import execute_messages, plan_messages
+from corea.data import Record
+
+OPS = {"+": "add", "-": "subtract", "*": "multiply by"}
+SLM_PRODUCT_NOISE = (-2, -1, 0, 1, 2)
+SLM_LOW_CONFIDENCE = 0.2
+
+
+@dataclass(frozen=True)
+class Chain:
+    start: int
+    ops: tuple[tuple[str, int], ...]  # (op, operand) in order
+
+    @property
+    def question(self) -> str:
+        expr = str(self.start)
+        for i, (op, b) in enumerate(self.ops):
+            expr = f"({expr} {op} {b})" if i < len(self.ops) - 1 else f"{expr} {op} {b}"
+        return f"Compute {expr}."
+
+    def values(self, product_noise=None) -> list[tuple[int, str, int, int]]:
+        """(left, op, operand, written result) per step; ``product_noise()`` perturbs products (the SLM's data)."""
+        out, value = [], self.start
+        for op, b in self.ops:
+            result = value + b if op == "+" else value - b if op == "-" else value * b
+            if op == "*" and product_noise is not None:
+                result = max(0, result + product_noise())
+            out.append((value, op, b, result))
+            value = result
+        return out
+
+    def answer(self, product_noise=None, confidence: float = 1.0) -> str:
+        values = self.values(product_noise)
+        steps = [f"{a} {op} {b} = {r}" for a, op, b, r in values]
+        return "\n\n".join(steps) + f"\n\n\\boxed{{{values[-1][3]}}} \\confidence{{{confidence}}}"
+
+    @property
+    def plan(self) -> str:
+        return "Plan: " + ", then ".join(f"{OPS[op]} {b}" for op, b in self.ops) + "."
+
+    @property
+    def has_product(self) -> bool:
+        return any(op == "*" for op, _ in self.ops)
+
+    @property
+    def gold(self) -> int:
+        return self.values()[-1][3]
+
+
+def make_chain(rng: random.Random, with_product: bool) -> Chain:
+    value, ops = rng.randint(1, 9), []
+    where = rng.randrange(3) if with_product else -1
+    start = value
+    for i in range(3):
+        if i == where:
+            op, b = "*", rng.randint(2, 4)
+        elif value > 1 and rng.random() < 0.5:
+            op, b = "-", rng.randint(1, min(9, value - 1))
+        else:
+            op, b = "+", rng.randint(1, 9)
+        ops.append((op, b))
+        value = value + b if op == "+" else value - b if op == "-" else value * b
+    return Chain(start, tuple(ops))
+
+
+def record(chain: Chain, split: str, i: int) -> Record:
+    return Record(id=f"{split}-{i}", question=chain.question, gold=str(chain.gold), kind="math", dataset="chains",
+                  meta={"split": split, "has_product": chain.has_product, "plan": chain.plan})
+
+
+def build_splits(seed: int = 0, per_split: int = 30) -> dict[str, list[tuple[Chain, Record]]]:
+    """Disjoint train / calibration / eval questions, half of each with one multiplication."""
+    rng, seen, out = random.Random(seed), set(), {}
+    for split in ("train", "cal", "eval"):
+        items = []
+        while len(items) < per_split:
+            chain = make_chain(rng, with_product=len(items) % 2 == 0)
+            if chain.question not in seen:
+                seen.add(chain.question)
+                items.append((chain, record(chain, split, len(items))))
+        out[split] = items
+    return out
+
+
+def sft_examples(chains: list[Chain], tier: str, repeats: int, seed: int = 0) -> list[dict]:
+    """Fine-tuning pairs for ``tier``: the answer, the plan, the answer to the plan-following prompt."""
+    rng = random.Random(seed)
+    noise = (lambda: rng.choice(SLM_PRODUCT_NOISE)) if tier == "slm" else None
+    out = []
+    for _ in range(repeats):
+        for c in chains:
+            conf = SLM_LOW_CONFIDENCE if (tier == "slm" and c.has_product) else 1.0
+            msgs = Record(id="", question=c.question, gold="", kind="math").messages()
+            out.append({"prompt": msgs, "response": c.answer(noise, conf)})
+            out.append({"prompt": plan_messages(msgs), "response": c.plan})
+            out.append({"prompt": execute_messages(msgs, c.plan), "response": c.answer(noise, conf)})
+    rng.shuffle(out)
+    return out
+
+
+def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 40, retrain: bool = False) -> dict[str, Path]:
+    """Tiny SLM and LLM checkpoints fine-tuned on the miniature (Ray Train + DeepSpeed); reused when present."""
+    from corea.models import make_tiny_checkpoint
+    from corea.train.sft import SFTConfig, sft
+
+    out = Path(out).resolve()
+    chains = [c for items in splits.values() for c, _ in items]
+    paths = {}
+    for tier in ("slm", "llm"):
+        path = out / f"{tier}-chains"
+        if retrain or not (path / "config.json").exists():
+            base = make_tiny_checkpoint(out / f"base-{tier}", tier, seed=seed, overwrite=True)
+            sft(str(base), sft_examples(chains, tier, repeats, seed), path,
+                SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+        paths[tier] = path
+    return paths
