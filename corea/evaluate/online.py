@@ -149,3 +149,90 @@ def system_row(name: str, held: Outcome, llm_only: Outcome, n_boot: int = 1000) 
 def llm_call_positions(traces: Sequence[Trace]) -> list[int]:
     """Step indices at which the LLM wrote (accepted) a step: where in the trace it was called."""
     return [c.step for t in traces for c in t.calls if c.tier == "llm" and c.accepted and c.step is not None]
+
+
+# ------------------------------------------------------------------------------ `corea eval` integration
+STRATEGY_RECORDS_FILE = "strategy_records.parquet"
+SYSTEM_NAMES = {"cascade": "COREA (online)", "steer": "STEER", "stepwise_policy": "Stepwise policy", "cope": "COPE"}
+
+
+def split_questions(records: Sequence[Record], seed: int, train: float, cal: float) -> dict[str, list[Record]]:
+    from corea.evaluate.records import split_key
+
+    out = {"train": [], "cal": [], "eval": []}
+    for r in records:
+        k = split_key(seed + 1, r.dataset, r.id)  # independent of the report's own calibration split
+        out["train" if k < train else "cal" if k < train + cal else "eval"].append(r)
+    return out
+
+
+def _rows(o: Outcome, records, llm: Outcome, split: str) -> list[dict[str, Any]]:
+    import json
+
+    return [{"dataset": r.dataset, "id": r.id, "strategy": o.strategy, "split": split, "threshold": o.threshold,
+             "correct": bool(y), "cost": c, "cost_cached": cc, "flops": f, "llm_share": s,
+             "llm_only_cost": lc, "llm_only_flops": lf,
+             "calls": json.dumps([{k: d[k] for k in ("tier", "role", "tokens", "prompt_tokens", "confidence",
+                                                     "accepted")} | {"step": call.step}
+                                  for d, call in zip(t.steps(), t.calls)])}
+            for r, y, c, cc, f, s, lc, lf, t in zip(records, o.correct, o.cost, o.cost_cached, o.flops, o.llm_share,
+                                                    llm.cost, llm.flops, o.traces)]
+
+
+def evaluate_strategies(cfg, paths: dict[str, str], questions: Sequence[Record]):
+    """Per-question rows of every configured strategy: the calibration sweep and the held-out run at the
+    chosen tau (``split`` = "cal" / "eval"), with per-call tiers in ``calls`` (JSON)."""
+    import pandas as pd
+
+    from corea.cost import thresholds
+    from corea.engines import load_engine
+
+    sc = cfg.strategies
+    for role in (sc.slm, "llm"):
+        if role not in paths:
+            raise ValueError(f"strategies need models.{role}")
+    opts = {**cfg.engine.options}
+    engines = {t: load_engine(paths[role], cfg.engine.backend, **opts) for t, role in (("slm", sc.slm), ("llm", "llm"))}
+    model = CostModel(cfg.cascade.size_ratio, *(sum(p.numel() for p in e.model.parameters()) if hasattr(e, "model")
+                                                 else 1.0 for e in (engines["slm"], engines["llm"])))
+    params = {"max_tokens": cfg.generation.max_tokens, "temperature": cfg.generation.temperature,
+              "top_p": cfg.generation.top_p, "seed": cfg.seed}
+    base = Settings(max_steps=sc.max_steps, max_step_tokens=sc.max_step_tokens, aggregate=sc.aggregate,
+                    lookahead=sc.lookahead)
+    split = split_questions(questions, cfg.seed, sc.train_fraction, sc.calibration_fraction)
+    if not split["cal"] or not split["eval"]:
+        raise ValueError("strategies: the calibration or held-out split is empty (too few questions)")
+    llm = {k: single_tier("llm", engines, split[k], params, model) for k in ("cal", "eval")}
+    rows = []
+    for name in sc.names:
+        s = base
+        if name == "steer":
+            s = replace(base, mixture=fit_mixture(engines, split["cal"], params, base, seed=cfg.seed))
+        if name == "stepwise_policy":
+            train = split["train"] or split["cal"]
+            policy, _ = train_policy(engines, train, params, base, model, lam=sc.policy_lambda,
+                                     iterations=sc.policy_iterations, seed=cfg.seed)
+            s = replace(base, policy=policy)
+        points = sweep(name, engines, split["cal"], params, s, thresholds(sc.sweep_step), model)
+        tau = choose(points, llm["cal"], max_drop=sc.max_drop)
+        held = sweep(name, engines, split["eval"], params, s, [tau], model)[0]
+        for p in points:
+            rows += _rows(p, split["cal"], llm["cal"], "cal")
+        rows += _rows(held, split["eval"], llm["eval"], "eval")
+        log.info("strategy %s: tau %.2f, held-out %s", name, tau, held.summary(llm["eval"]))
+    return pd.DataFrame(rows)
+
+
+def strategy_summary(frame, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out rows per (strategy, dataset group 'all'): pass@1 with a bootstrap interval and the three costs
+    relative to LLM-only on the same questions."""
+    out = []
+    held = frame[frame["split"] == "eval"]
+    for name, g in held.groupby("strategy", sort=False):
+        ci = metrics.pass_at_1_ci(g["correct"].to_numpy(float), n_boot=n_boot, seed=seed)
+        out.append({"system": SYSTEM_NAMES.get(name, name), "strategy": name, "threshold": float(g["threshold"].iloc[0]),
+                    "questions": len(g), "pass_at_1": ci.value, "pass_at_1_low": ci.low, "pass_at_1_high": ci.high,
+                    "cost_rel": g["cost"].mean() / g["llm_only_cost"].mean(),
+                    "cost_rel_cached": g["cost_cached"].mean() / g["llm_only_cost"].mean(),
+                    "flops_rel": g["flops"].mean() / g["llm_only_flops"].mean(), "llm_share": g["llm_share"].mean()})
+    return out
