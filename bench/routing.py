@@ -3,7 +3,7 @@
 Method
   Task (corea.collab.miniature): "Compute ((a + b) * c) - d."-style chains of three operations, one step each
   ("3 + 4 = 7" then a blank line), then \\boxed{} and \\confidence{}. Half the questions hold one
-  multiplication. The tiny SLM (Qwen2, ~0.2 M parameters) is fine-tuned (Ray Train + DeepSpeed) with exact
+  multiplication; every value is a single digit. The tiny SLM (Qwen2, ~0.2 M parameters) is fine-tuned (Ray Train + DeepSpeed) with exact
   additions and subtractions but products off by -2..2, and says \\confidence{0.2} on questions with a product,
   1.0 otherwise; the tiny LLM (~0.9 M) is fine-tuned with every step exact. Both learn COPE's plan and
   plan-following formats. 30 train / 30 calibration / 30 held-out questions; temperature 0.6, seed 1234.
@@ -18,7 +18,7 @@ Method
   prefix again), cost_rel_cached (input tokens already in that tier's prefix cache at 0.1x), flops_rel
   (2 x parameters x uncached tokens, with the tiny models' parameter counts).
 
-    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 40] [--retrain]
+    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 50] [--retrain]
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/routing")
     parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--repeats", type=int, default=40, help="passes over the questions in fine-tuning")
+    parser.add_argument("--repeats", type=int, default=50, help="passes over the questions in fine-tuning")
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if checkpoints exist")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

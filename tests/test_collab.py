@@ -177,3 +177,23 @@ def test_threshold_calibration_targets():
     assert calibrate_threshold(taus, acc, cost, 0.96, budget=0.1) is None
     with pytest.raises(ValueError):
         calibrate_threshold(taus, acc, cost, 0.96)
+
+
+def test_engine_continues_an_assistant_prefix_and_keeps_the_stop_string(tmp_path):
+    from corea.engines import SamplingParams, load_engine
+    from corea.models import make_tiny_checkpoint
+
+    engine = load_engine(str(make_tiny_checkpoint(tmp_path / "slm", "slm")), device="cpu")
+    msgs = [{"role": "user", "content": "What is 1 + 2?"}]
+    prefix = "1 + 2 = 3\n\n"
+    gen = engine.continue_prompts([(msgs, prefix)], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert gen.prompt_token_ids == engine.encode(msgs) + engine.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    text = gen.samples[0].text
+    stop = text[3:5]  # a stop string the greedy continuation is known to reach
+    assert len(stop) == 2 and stop.strip()
+    cut = engine.continue_prompts([(msgs, prefix)], SamplingParams(temperature=0, max_tokens=12, stop=(stop,)))[0]
+    kept = engine.continue_prompts([(msgs, prefix)], SamplingParams(temperature=0, max_tokens=12, stop=(stop,),
+                                                                     include_stop_str_in_output=True))[0]
+    at = text.find(stop)
+    assert cut.samples[0].text == text[:at] and kept.samples[0].text == text[: at + len(stop)]
+    assert kept.samples[0].token_ids == cut.samples[0].token_ids

@@ -1,14 +1,14 @@
 """A miniature where steps matter: chained arithmetic written one operation per step, "((a + b) * c) - d".
 
-Every question chains three operations on small integers; half of them hold one multiplication. The answer is
-one step per operation, a blank line after each, then ``\\boxed{result} \\confidence{c}``:
+Every question chains three operations on single digits (every intermediate value stays in 0..9); half of them
+hold one multiplication. The answer is one step per operation, a blank line after each, then ``\\boxed{result} \\confidence{c}``:
 
-    3 + 4 = 7\\n\\n7 * 2 = 14\\n\\n14 - 5 = 9\\n\\n\\boxed{9} \\confidence{1.0}
+    3 + 1 = 4\\n\\n4 * 2 = 8\\n\\n8 - 5 = 3\\n\\n\\boxed{3} \\confidence{1.0}
 
 The tiny SLM is taught additions and subtractions exactly and multiplications poorly: in its fine-tuning data a
 product is off by -2..2 (uniformly, so the right value is no likelier than four wrong ones), later steps
 carrying the written value on. It therefore hesitates at exactly the multiplication steps (its token
-probability there is ~0.2) and states a low confidence (0.2) on questions with a multiplication, 1.0 on others,
+probability there is low) and states a low confidence (0.2) on questions with a multiplication, 1.0 on others,
 as an RLCC-calibrated SLM would. The tiny LLM is taught every step exactly. Both also learn COPE's formats
 (``corea.collab.prompts``): a one-line plan, and an answer following a given plan. As in ``corea demo``, the
 tiny models learn the task's questions (no tiny model generalizes arithmetic in minutes); the splits (train for
@@ -71,19 +71,26 @@ class Chain:
 
 
 def make_chain(rng: random.Random, with_product: bool) -> Chain:
-    value, ops = rng.randint(1, 9), []
-    where = rng.randrange(3) if with_product else -1
-    start = value
-    for i in range(3):
-        if i == where:
-            op, b = "*", rng.randint(2, 4)
-        elif value > 1 and rng.random() < 0.5:
-            op, b = "-", rng.randint(1, min(9, value - 1))
-        else:
-            op, b = "+", rng.randint(1, 9)
-        ops.append((op, b))
-        value = value + b if op == "+" else value - b if op == "-" else value * b
-    return Chain(start, tuple(ops))
+    """Three operations keeping every value a single digit (0..9); with ``with_product`` one of them is a
+    multiplication by 2..4, the others additions or subtractions."""
+    while True:
+        value, ops = rng.randint(1, 9), []
+        start, where = value, (rng.randrange(3) if with_product else -1)
+        for i in range(3):
+            if i == where:
+                if value > 4 or value < 1:
+                    break
+                op, b = "*", rng.randint(2, 9 // value) if 9 // value >= 2 else 0
+                if b < 2:
+                    break
+            elif value < 9 and (value == 0 or rng.random() < 0.5):
+                op, b = "+", rng.randint(1, 9 - value)
+            else:
+                op, b = "-", rng.randint(1, value)
+            ops.append((op, b))
+            value = value + b if op == "+" else value - b if op == "-" else value * b
+        if len(ops) == 3:
+            return Chain(start, tuple(ops))
 
 
 def record(chain: Chain, split: str, i: int) -> Record:
@@ -94,6 +101,7 @@ def record(chain: Chain, split: str, i: int) -> Record:
 def build_splits(seed: int = 0, per_split: int = 30) -> dict[str, list[tuple[Chain, Record]]]:
     """Disjoint train / calibration / eval questions, half of each with one multiplication."""
     rng, seen, out = random.Random(seed), set(), {}
+    # (about 400 distinct product chains and 700 others exist; 3 x per_split must stay well below that)
     for split in ("train", "cal", "eval"):
         items = []
         while len(items) < per_split:
@@ -105,8 +113,9 @@ def build_splits(seed: int = 0, per_split: int = 30) -> dict[str, list[tuple[Cha
     return out
 
 
-def sft_examples(chains: list[Chain], tier: str, repeats: int, seed: int = 0) -> list[dict]:
-    """Fine-tuning pairs for ``tier``: the answer, the plan, the answer to the plan-following prompt."""
+def sft_examples(chains: list[Chain], tier: str, repeats: int, seed: int = 0, cope_share: float = 1 / 3) -> list[dict]:
+    """Fine-tuning pairs for ``tier``: the answer every pass; the plan and the answer to the plan-following
+    prompt in a ``cope_share`` of the passes (they are easier to learn and only COPE uses them)."""
     rng = random.Random(seed)
     noise = (lambda: rng.choice(SLM_PRODUCT_NOISE)) if tier == "slm" else None
     out = []
@@ -115,13 +124,14 @@ def sft_examples(chains: list[Chain], tier: str, repeats: int, seed: int = 0) ->
             conf = SLM_LOW_CONFIDENCE if (tier == "slm" and c.has_product) else 1.0
             msgs = Record(id="", question=c.question, gold="", kind="math").messages()
             out.append({"prompt": msgs, "response": c.answer(noise, conf)})
-            out.append({"prompt": plan_messages(msgs), "response": c.plan})
-            out.append({"prompt": execute_messages(msgs, c.plan), "response": c.answer(noise, conf)})
+            if rng.random() < cope_share:
+                out.append({"prompt": plan_messages(msgs), "response": c.plan})
+                out.append({"prompt": execute_messages(msgs, c.plan), "response": c.answer(noise, conf)})
     rng.shuffle(out)
     return out
 
 
-def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 40, retrain: bool = False) -> dict[str, Path]:
+def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 50, retrain: bool = False) -> dict[str, Path]:
     """Tiny SLM and LLM checkpoints fine-tuned on the miniature (Ray Train + DeepSpeed); reused when present."""
     from corea.models import make_tiny_checkpoint
     from corea.train.sft import SFTConfig, sft

@@ -81,6 +81,7 @@ class EngineTiers:
         self.engines = {"slm": slm, "llm": llm}
         self.max_batch, self.wait_s = max_batch, wait_s
         self._batchers: dict[tuple, Any] = {}
+        self.engine_s = 0.0  # seconds spent inside engine calls
 
     def _batcher(self, tier: str, kind: str, params: dict[str, Any]):
         from corea.serve.batching import MicroBatcher
@@ -89,14 +90,17 @@ class EngineTiers:
         if key not in self._batchers:
             engine, sampling = self.engines[tier], sampling_params(params)
 
-            async def run(items: list) -> list[dict[str, Any]]:
-                if kind == "answer":
-                    gens = await asyncio.to_thread(engine.generate, items, sampling)
-                else:
-                    gens = await asyncio.to_thread(engine.continue_prompts, items, sampling)
-                return [to_output(g) for g in gens]
+            def call(items: list):
+                import time
 
-            from corea.serve.batching import MicroBatcher  # noqa: F811
+                start = time.perf_counter()
+                fn = engine.generate if kind == "answer" else engine.continue_prompts
+                gens = fn(items, sampling)
+                self.engine_s += time.perf_counter() - start
+                return gens
+
+            async def run(items: list) -> list[dict[str, Any]]:
+                return [to_output(g) for g in await asyncio.to_thread(call, items)]
 
             self._batchers[key] = MicroBatcher(run, self.max_batch, self.wait_s)
         return self._batchers[key]
