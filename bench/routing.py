@@ -18,7 +18,7 @@ Method
   prefix again), cost_rel_cached (input tokens already in that tier's prefix cache at 0.1x), flops_rel
   (2 x parameters x uncached tokens, with the tiny models' parameter counts).
 
-    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 50] [--retrain]
+    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 50] [--llm-repeats 30] [--retrain]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/routing")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--repeats", type=int, default=50, help="passes over the questions in fine-tuning")
+    parser.add_argument("--llm-repeats", type=int, default=30, help="passes for the LLM (exact steps: learned sooner)")
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if checkpoints exist")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -113,8 +114,14 @@ def main(argv=None) -> int:
     print(__doc__.split("    python")[0])
     splits = build_splits(args.seed)
     out = Path(args.out).resolve()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    paths = build_models(out / "models", splits, args.seed, args.repeats, args.retrain)
+    for attempt in range(3):  # a loaded machine can exceed Ray's 30 s node start-up wait
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            break
+        except Exception as exc:  # noqa: BLE001
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+            ray.shutdown()
+    paths = build_models(out / "models", splits, args.seed, args.repeats, args.retrain, args.llm_repeats)
     ray.shutdown()
     print(f"models ready after {time.perf_counter() - start:.0f} s: {paths['slm']}, {paths['llm']}", flush=True)
     engines = {t: load_engine(str(p), device="cpu", max_batch_size=64, seed=args.seed) for t, p in paths.items()}

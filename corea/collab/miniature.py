@@ -131,8 +131,10 @@ def sft_examples(chains: list[Chain], tier: str, repeats: int, seed: int = 0, co
     return out
 
 
-def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 50, retrain: bool = False) -> dict[str, Path]:
-    """Tiny SLM and LLM checkpoints fine-tuned on the miniature (Ray Train + DeepSpeed); reused when present."""
+def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 50, retrain: bool = False,
+                 llm_repeats: int | None = None) -> dict[str, Path]:
+    """Tiny SLM and LLM checkpoints fine-tuned on the miniature (Ray Train + DeepSpeed); reused when present.
+    ``llm_repeats`` (default ``repeats``): passes for the LLM, which learns the exact steps in fewer."""
     from corea.models import make_tiny_checkpoint
     from corea.train.sft import SFTConfig, sft
 
@@ -143,7 +145,8 @@ def build_models(out: str | Path, splits, seed: int = 0, repeats: int = 50, retr
         path = out / f"{tier}-chains"
         if retrain or not (path / "config.json").exists():
             base = make_tiny_checkpoint(out / f"base-{tier}", tier, seed=seed, overwrite=True)
-            sft(str(base), sft_examples(chains, tier, repeats, seed), path,
+            n = repeats if tier == "slm" or llm_repeats is None else llm_repeats
+            sft(str(base), sft_examples(chains, tier, n, seed), path,
                 SFTConfig(batch_size=32, lr=3e-3, seed=seed))
         paths[tier] = path
     return paths

@@ -120,30 +120,23 @@ class TierServer:
         except ValueError as exc:
             return {"error": str(exc)}
 
-    def _continue(self, messages, prefix: str, sampling) -> dict[str, Any]:
+    def _continue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
         import time as _time
 
-        from corea.collab.tiers import to_output
+        from corea.collab.tiers import sampling_params, to_output
 
         start = _time.perf_counter()
-        out = to_output(self.engine.continue_prompts([(messages, prefix)], sampling)[0])
+        try:  # the engine rejects a prompt + prefix + max_tokens longer than the model's context
+            out = to_output(self.engine.continue_prompts([(messages, prefix)], sampling_params(params))[0])
+        except ValueError as exc:
+            return {"error": str(exc)}
         return {**out, "gen_s": _time.perf_counter() - start}
 
     async def continue_step(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]
                             ) -> dict[str, Any]:
-        """Continue the assistant message after ``prefix`` (one step with ``stop``), with each token's
+        """Continue the assistant message after ``prefix`` (one step, up to ``stop``), with each token's
         probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take."""
-        from corea.collab.tiers import sampling_params
-
-        try:
-            sampling = sampling_params(params)
-            n_in = len(self.engine.encode(messages)) + len(self.engine.tokenizer(prefix, add_special_tokens=False)["input_ids"])
-            if self.max_model_len and n_in + sampling.max_tokens > self.max_model_len:
-                raise ValueError(f"the prompt and prefix ({n_in} tokens) plus max_tokens ({sampling.max_tokens}) "
-                                 f"exceed the model's context of {self.max_model_len} tokens")
-        except ValueError as exc:
-            return {"error": str(exc)}
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, sampling)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, params)
 
     async def stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """``{"delta": text}`` items, then ``{"usage", "finish_reason"}``. Completion tokens are counted by
