@@ -18,7 +18,7 @@ Method
   prefix again), cost_rel_cached (input tokens already in that tier's prefix cache at 0.1x), flops_rel
   (2 x parameters x uncached tokens, with the tiny models' parameter counts).
 
-    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 50] [--llm-repeats 30] [--retrain]
+    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 110] [--llm-repeats 30] [--retrain]
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def n_params(engine) -> int:
 
 
 def run_all(engines, splits, settings: Settings = SETTINGS, params=PARAMS, max_drop: float = MAX_DROP,
-            policy_iterations: int = 12, log=print) -> dict:
+            policy_iterations: int = 12, sweep_step: float = 0.1, log=print) -> dict:
     """Every system on the held-out split, thresholds chosen on the calibration split."""
     model = CostModel(QWEN_32B_OVER_7B, n_params(engines["slm"]), n_params(engines["llm"]))
     recs = {k: [r for _, r in v] for k, v in splits.items()}
-    taus = thresholds(0.1)
+    taus = thresholds(sweep_step)
     llm_cal = online.single_tier("llm", engines, recs["cal"], params, model)
     held = {"llm": online.single_tier("llm", engines, recs["eval"], params, model),
             "slm": online.single_tier("slm", engines, recs["eval"], params, model)}
@@ -98,10 +98,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/routing")
     parser.add_argument("--json", dest="json_path")
-    parser.add_argument("--repeats", type=int, default=50, help="passes over the questions in fine-tuning")
+    parser.add_argument("--repeats", type=int, default=110, help="passes of the SLM over the questions in fine-tuning")
     parser.add_argument("--llm-repeats", type=int, default=30, help="passes for the LLM (exact steps: learned sooner)")
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if checkpoints exist")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep-step", type=float, default=0.1, help="threshold grid step on the calibration split")
+    parser.add_argument("--policy-iterations", type=int, default=12)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import ray
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     print(f"models ready after {time.perf_counter() - start:.0f} s: {paths['slm']}, {paths['llm']}", flush=True)
     engines = {t: load_engine(str(p), device="cpu", max_batch_size=64, seed=args.seed) for t, p in paths.items()}
-    result = run_all(engines, splits)
+    result = run_all(engines, splits, sweep_step=args.sweep_step, policy_iterations=args.policy_iterations)
     text, systems = table(result)
     wall = time.perf_counter() - start
     print(f"\nheld-out: {len(splits['eval'])} questions; costs as fractions of LLM-only\n{text}")
