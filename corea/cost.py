@@ -6,6 +6,11 @@
     router:   C_router + (p_router >= tau ? C_SLM : C_LLM)
 
 Thresholds are swept over [0, 1.1]; tau = 1.1 defers every query.
+
+Multi-call traces (``corea.collab``) cost each call over its own tokens, so a handoff pays its prefix again:
+    call:         ratio * (n_in + 4 n_out)
+    prefix-cached: ratio * ((n_in - n_cached) + 0.1 n_cached + 4 n_out)   (n_cached already in that tier's cache)
+    FLOPs:        2 * params * ((n_in - n_cached) + n_out)                  (prefill of new tokens plus decoding)
 """
 
 from __future__ import annotations
@@ -25,15 +30,33 @@ def token_cost(n_in, n_out, size_ratio: float = 1.0) -> np.ndarray:
     return size_ratio * (np.asarray(n_in, dtype=float) + OUTPUT_TOKEN_WEIGHT * np.asarray(n_out, dtype=float))
 
 
+CACHED_INPUT_WEIGHT = 0.1
+
+
+def cached_token_cost(n_in, n_out, n_cached, size_ratio: float = 1.0) -> np.ndarray:
+    """size_ratio * ((n_in - n_cached) + 0.1 n_cached + 4 n_out): input tokens in the tier's prefix cache at 0.1x."""
+    n_in, n_cached = np.asarray(n_in, dtype=float), np.asarray(n_cached, dtype=float)
+    if np.any(n_cached > n_in) or np.any(n_cached < 0):
+        raise ValueError("cached tokens must lie in [0, n_in]")
+    return size_ratio * (n_in - n_cached + CACHED_INPUT_WEIGHT * n_cached
+                         + OUTPUT_TOKEN_WEIGHT * np.asarray(n_out, dtype=float))
+
+
+def flops(n_in, n_out, n_params: float, n_cached=0) -> np.ndarray:
+    """2 * params * (uncached input tokens + output tokens): forward FLOPs of one call with its prefix cache."""
+    return 2.0 * float(n_params) * (np.asarray(n_in, float) - np.asarray(n_cached, float) + np.asarray(n_out, float))
+
+
 def thresholds(step: float = 0.05, upper: float = MAX_THRESHOLD) -> np.ndarray:
     """tau in {0, step, 2 step, ..., upper}."""
     return np.round(np.arange(0.0, upper + step / 2, step), 10)
 
 
 def defers(confidence: Sequence[float | None], tau: float) -> np.ndarray:
-    """[c < tau] per query; a missing confidence (None or NaN) always defers."""
-    conf = np.array([np.nan if c is None else c for c in confidence], dtype=float)
-    return np.isnan(conf) | (conf < tau)
+    """[c < tau] per query; a missing confidence (None or NaN) always defers (``corea.collab.rules.defers``)."""
+    from corea.collab.rules import defers_many
+
+    return defers_many(confidence, tau)
 
 
 @dataclass(frozen=True)

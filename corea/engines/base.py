@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end a sample, like EOS (kept in token_ids)
+    include_stop_str_in_output: bool = False  # keep a matched stop string at the end of ``text`` (vLLM's name)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -105,6 +106,14 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     if not ids:
         raise ValueError("empty prompt")
     return list(ids)
+
+
+def encode_continuation(tokenizer: Any, prompt: Prompt, prefix: str) -> list[int]:
+    """Token ids of ``prompt`` followed by ``prefix``, the start of the assistant message that the model continues
+    (the question is not re-asked): the prompt as ``encode_prompt`` gives it, the prefix tokenized on its own,
+    as a response is tokenized in training."""
+    ids = encode_prompt(tokenizer, prompt)
+    return ids + (list(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else [])
 
 
 def check_prompts(prompts: Sequence[Prompt]) -> list[Prompt]:

@@ -32,6 +32,7 @@ from corea.engines.base import (
     Sample,
     SamplingParams,
     check_prompts,
+    encode_continuation,
     encode_prompt,
     render_prompt,
 )
@@ -119,8 +120,17 @@ class HFEngine:
         """n samples per prompt, in prompt order (see the module docstring for the sampling rules)."""
         return self._generate(prompts, params or SamplingParams())
 
-    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_step=None) -> list[Generation]:
-        encoded = [self.encode(p) for p in check_prompts(prompts)]
+    def continue_prompts(self, items: Sequence[tuple[Prompt, str]], params: SamplingParams | None = None
+                         ) -> list[Generation]:
+        """n samples per ``(prompt, assistant prefix)``: the model continues the assistant message after
+        ``prefix`` (``encode_continuation``); ``prompt_token_ids`` include the prefix's tokens."""
+        encoded = [encode_continuation(self.tokenizer, p, prefix) for p, prefix in items]
+        return self._generate([], params or SamplingParams(), encoded=encoded)
+
+    def _generate(self, prompts: Sequence[Prompt], params: SamplingParams, on_step=None,
+                  encoded: list[list[int]] | None = None) -> list[Generation]:
+        if encoded is None:
+            encoded = [self.encode(p) for p in check_prompts(prompts)]
         for ids in encoded:
             if len(ids) + params.max_tokens > self.max_model_len:
                 raise ValueError(
@@ -234,9 +244,10 @@ class HFEngine:
     def _finish(self, row: _Row, params: SamplingParams) -> Sample:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
         if params.stop and row.finish_reason == "stop":
-            cuts = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+            cuts = [(i, len(s)) for i, s in ((text.find(s), s) for s in params.stop) if i >= 0]
             if cuts:
-                text = text[: min(cuts)]
+                at, width = min(cuts)
+                text = text[: at + width] if params.include_stop_str_in_output else text[:at]
         return Sample(text=text, token_ids=row.token_ids, logprobs=row.logprobs, finish_reason=row.finish_reason)
 
     # ---------------------------------------------------------------- streaming

@@ -111,6 +111,7 @@ def vllm_sampling_params(params: SamplingParams, final_only: bool = True):
         seed=params.seed,
         stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None,
+        include_stop_str_in_output=params.include_stop_str_in_output,
         logprobs=0,  # the sampled token's log-probability only
         output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
     )
@@ -229,6 +230,21 @@ class VLLMEngine:
             inputs = [{"prompt_token_ids": ids} for ids in encoded]
             with self.lock:
                 outputs = self.llm.generate(inputs, vllm_sampling_params(params), use_tqdm=False)
+        return [to_generation(o, ids) for o, ids in zip(outputs, encoded)]
+
+    def continue_prompts(self, items, params: SamplingParams | None = None) -> list[Generation]:
+        """n samples per ``(prompt, assistant prefix)``, continuing the assistant message (see HFEngine)."""
+        from corea.engines.base import encode_continuation
+
+        params = params or SamplingParams()
+        encoded = [encode_continuation(self.tokenizer, p, prefix) for p, prefix in items]
+        if not encoded:
+            return []
+        if self.async_engine:
+            return self._call(self._agenerate_all(encoded, params))
+        with self.lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], _vllm_params(params),
+                                        use_tqdm=False)
         return [to_generation(o, ids) for o, ids in zip(outputs, encoded)]
 
     async def _agenerate(self, ids: list[int], params: SamplingParams) -> Generation:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from corea.collab.rules import defers_many
 from corea.cost import CascadePoint, cascade_point, router_point, thresholds
 from corea.evaluate.records import calibration_mask, join_system
 from corea.evaluate.tables import Interval, dataset_seed, interval, macro, ordered_groups, replicates
@@ -105,7 +106,7 @@ class Arrays:
 
 def fast_values(a: Arrays, tau: float, router: bool = False) -> np.ndarray:
     """``as_vector(point(...))`` computed on arrays (``corea.cost``'s formulas, vectorized; tested equal)."""
-    defer = np.isnan(a.score) | (a.score < tau)
+    defer = defers_many(a.score, tau)  # the collab cascade rule
     correct = np.where(defer, a.llm_correct, a.slm_correct)
     slm = float(np.mean(a.router_cost + np.where(defer, 0.0, a.slm_cost))) if router else float(np.mean(a.slm_cost))
     llm = float(np.mean(np.where(defer, a.llm_cost, 0.0)))

@@ -174,6 +174,32 @@ class BaselinesConfig(StrictModel):
     router: RouterConfig | None = None
 
 
+class StrategiesEvalConfig(StrictModel):
+    """Online evaluation of collaboration strategies (``corea.evaluate.online``): the SLM role answers first,
+    ``models.llm`` is the LLM. Questions are split per (seed, dataset, id) into train (stepwise policy),
+    calibration (STEER's mixture, every threshold) and held-out (reported)."""
+
+    names: list[Literal["cascade", "steer", "stepwise_policy", "cope"]] = Field(
+        default_factory=lambda: ["cascade", "steer", "stepwise_policy", "cope"], min_length=1)
+    slm: str = "corea"  # the models role of the SLM
+    train_fraction: float = Field(0.3, ge=0, lt=1)
+    calibration_fraction: float = Field(0.3, gt=0, lt=1)
+    max_drop: float = Field(0.02, ge=0, description="tau: cheapest within this pass@1 drop vs LLM-only")
+    sweep_step: float = Field(0.1, gt=0, le=1.1)
+    max_steps: int = Field(16, ge=1)
+    max_step_tokens: int = Field(64, ge=1)
+    aggregate: Literal["first", "mean", "min", "gmean"] = "min"
+    lookahead: int | None = Field(None, ge=1)
+    policy_iterations: int = Field(8, ge=1)
+    policy_lambda: float = Field(0.3, ge=0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "StrategiesEvalConfig":
+        if self.train_fraction + self.calibration_fraction >= 1:
+            raise ValueError("train_fraction + calibration_fraction must leave held-out questions")
+        return self
+
+
 class EvalConfig(StrictModel):
     name: str = "eval"
     seed: int = 0  # sampling seeds, bootstrap resamples, calibration split
@@ -187,6 +213,7 @@ class EvalConfig(StrictModel):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    strategies: StrategiesEvalConfig | None = None  # online collaboration strategies beside the cascade
     progress: bool = True
 
     @model_validator(mode="after")

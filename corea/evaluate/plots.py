@@ -219,3 +219,59 @@ def write_plots(data, out: Path) -> list[str]:
             paths.append(histograms(data, g, out / f"confidence_hist_{g}.png"))
             paths.append(risk_coverage_curves(data, g, out / f"risk_coverage_{g}.png"))
     return [p.name for p in paths]
+
+
+_STRATEGY_COLORS = {"cascade": "#d62728", "steer": "#e377c2", "stepwise_policy": "#bcbd22", "cope": "#17becf"}
+
+
+def strategy_pareto(data, frame, path: Path) -> Path:
+    """pass@1 (%) against cost (% of LLM-only) of the online strategies: their calibration sweep (line) and
+    held-out point at the chosen tau (dot), beside the simulated cascades of the records (all questions)."""
+    fig = Figure(figsize=(7.6, 4.6), layout="constrained")
+    ax = fig.subplots()
+    g = data.scopes[0] if data.scopes else None
+    for name, res in data.systems.items():
+        pts = res.sweeps.get(g) if g else None
+        if pts:
+            ax.plot([100 * p.relative_cost for p in pts], [100 * p.pass_at_1 for p in pts], "-", lw=1.0,
+                    color=_COLORS.get(name), alpha=0.5, label=f"{name} (records)")
+    for name, s in frame.groupby("strategy", sort=False):
+        cal = s[s["split"] == "cal"].groupby("threshold")
+        cost = cal["cost"].mean() / cal["llm_only_cost"].mean()
+        ax.plot(100 * cost.to_numpy(), 100 * cal["correct"].mean().to_numpy(), "--", color=_STRATEGY_COLORS.get(name),
+                label=f"{name} (calibration sweep)")
+        held = s[s["split"] == "eval"]
+        ax.plot(100 * held["cost"].mean() / held["llm_only_cost"].mean(), 100 * held["correct"].mean(), "o",
+                color=_STRATEGY_COLORS.get(name), ms=7, mec="black", mew=0.6)
+    ax.axvline(100, color=_COLORS["LLM"], lw=0.8, ls=":")
+    ax.set(xlabel="cost (% of LLM-only)", ylabel="pass@1 (%)")
+    _percent_axis(ax)
+    ax.grid(alpha=0.3)
+    _legend(fig, [ax])
+    fig.suptitle(f"collaboration strategies: pass@1 vs cost (dots: held-out at the chosen tau; {_label(g) if g else ''})")
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def llm_call_positions(frame, path: Path) -> Path:
+    """Where in the trace the LLM wrote: accepted LLM calls by step index, held-out split, per strategy."""
+    import json
+
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    held = frame[frame["split"] == "eval"]
+    names = list(dict.fromkeys(held["strategy"]))
+    for k, name in enumerate(names):
+        steps = [c.get("step") or 0 for calls in held.loc[held["strategy"] == name, "calls"]
+                 for c in json.loads(calls) if c["tier"] == "llm" and c["accepted"]]
+        counts = np.bincount(np.asarray(steps, dtype=int), minlength=1) if steps else np.zeros(1)
+        width = 0.8 / max(1, len(names))
+        ax.bar(np.arange(len(counts)) + k * width, counts / max(1, held["strategy"].eq(name).sum()), width,
+               color=_STRATEGY_COLORS.get(name), label=name)
+    ax.set(xlabel="step (stepwise) / stage (cope) index", ylabel="LLM calls per question")
+    ax.grid(alpha=0.3, axis="y")
+    if names:
+        ax.legend(fontsize=8)
+    fig.suptitle("where in the trace the LLM was called (held-out)")
+    fig.savefig(path, dpi=120)
+    return path

@@ -160,16 +160,23 @@ def generate_records(cfg: EvalConfig) -> pd.DataFrame:
                                                  cfg.baselines.probe)
     records = pd.concat(frames.values(), ignore_index=True)
     save_records(records, cfg.out_dir / RECORDS_FILE)
+    if cfg.strategies is not None:  # online strategies: per-question rows with per-call tiers, beside the records
+        from corea.evaluate.online import STRATEGY_RECORDS_FILE, evaluate_strategies
+
+        evaluate_strategies(cfg, paths, questions).to_parquet(cfg.out_dir / STRATEGY_RECORDS_FILE, index=False)
     return load_records(cfg.out_dir / RECORDS_FILE)
 
 
 def report_from_config(records, cfg: EvalConfig, out_dir: str | Path | None = None) -> Path:
     """``build_report`` with the config's cascade, selection and metrics settings."""
+    from corea.evaluate.online import STRATEGY_RECORDS_FILE
     from corea.evaluate.report import build_report
 
+    strategies = cfg.out_dir / STRATEGY_RECORDS_FILE
     return build_report(records, out_dir or cfg.out_dir / REPORT_DIR, size_ratio=cfg.cascade.size_ratio,
                         threshold=cfg.cascade.threshold, sweep_step=cfg.cascade.sweep_step,
-                        selection=cfg.selection, metrics=cfg.metrics, seed=cfg.seed)
+                        selection=cfg.selection, metrics=cfg.metrics, seed=cfg.seed,
+                        strategies=pd.read_parquet(strategies) if cfg.strategies and strategies.exists() else None)
 
 
 def evaluate(cfg: EvalConfig) -> Path:

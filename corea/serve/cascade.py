@@ -13,27 +13,17 @@ over each tier's own tokens; a deferred query pays both.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
+from corea.collab.rules import defers
+from corea.collab.tiers import TierRejected, TierUnavailable
 from corea.cost import OUTPUT_TOKEN_WEIGHT
 from corea.protocol import parse_response
 
 MODES = ("cascade", "slm", "llm")
-
-
-class TierUnavailable(Exception):
-    """The tier is down, overloaded or too slow."""
-
-    def __init__(self, tier: str, reason: str):
-        super().__init__(f"the {tier.upper()} tier is unavailable: {reason}")
-        self.tier = tier
-
-
-class TierRejected(Exception):
-    """The tier's model cannot take this request (a client error)."""
+__all__ = ["Cascade", "CascadeResult", "CascadeStream", "TierAnswer", "TierClient", "TierRejected", "TierUnavailable"]
 
 
 class TierClient(Protocol):
@@ -181,8 +171,7 @@ class Cascade:
 
     def _decide(self, slm: TierAnswer, mode: str, threshold: float) -> tuple[float | None, bool]:
         confidence = parse_response(slm.text).confidence
-        missing = confidence is None or math.isnan(confidence)  # corea.cost.defers, for one request
-        return confidence, mode == "cascade" and (missing or confidence < threshold)
+        return confidence, mode == "cascade" and defers(confidence, threshold)  # the collab cascade rule
 
     async def complete(self, messages, params, mode: str, threshold: float, model: str) -> CascadeResult:
         """The whole answer of the chosen tier (non-streaming)."""

@@ -162,6 +162,22 @@ class CascadeConfig(StrictModel):
         return self
 
 
+class StrategiesConfig(StrictModel):
+    """Step-level and plan-based strategies (``corea.collab``); the cascade keeps ``cascade.threshold``."""
+
+    default: Literal["cascade", "steer", "stepwise_policy", "cope"] = "cascade"  # of model_id
+    thresholds: dict[Literal["steer", "stepwise_policy", "cope"], float] = Field(
+        default_factory=lambda: {"steer": 0.5, "stepwise_policy": 0.5, "cope": 0.5})
+    # extra served model ids selecting a strategy, e.g. {"corea-steer": "steer"}
+    model_ids: dict[str, Literal["steer", "stepwise_policy", "cope"]] = Field(default_factory=dict)
+    mixture_path: str | None = None  # StepMixture JSON (STEER); None compares the raw step confidence
+    policy_path: str | None = None  # StepPolicy JSON; without it stepwise_policy requests get 400
+    aggregate: Literal["first", "mean", "min", "gmean"] = "min"
+    lookahead: int | None = Field(None, ge=1)
+    max_steps: int = Field(16, ge=1, le=256)
+    max_step_tokens: int = Field(64, ge=1)
+
+
 class LimitsConfig(StrictModel):
     """Request limits and timeouts."""
 
@@ -228,6 +244,7 @@ class ServeConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     cascade: CascadeConfig = Field(default_factory=CascadeConfig)
+    strategies: StrategiesConfig = Field(default_factory=StrategiesConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

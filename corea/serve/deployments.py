@@ -120,6 +120,24 @@ class TierServer:
         except ValueError as exc:
             return {"error": str(exc)}
 
+    def _continue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+        import time as _time
+
+        from corea.collab.tiers import sampling_params, to_output
+
+        start = _time.perf_counter()
+        try:  # the engine rejects a prompt + prefix + max_tokens longer than the model's context
+            out = to_output(self.engine.continue_prompts([(messages, prefix)], sampling_params(params))[0])
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return {**out, "gen_s": _time.perf_counter() - start}
+
+    async def continue_step(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]
+                            ) -> dict[str, Any]:
+        """Continue the assistant message after ``prefix`` (one step, up to ``stop``), with each token's
+        probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, params)
+
     async def stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """``{"delta": text}`` items, then ``{"usage", "finish_reason"}``. Completion tokens are counted by
         re-tokenizing the streamed text (plus the end-of-sequence token when it stopped on its own)."""
@@ -151,6 +169,19 @@ class HandleTier:
 
     async def generate(self, messages, params) -> dict[str, Any]:
         response = self.handle.generate.remote(messages, params)
+        try:
+            out = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:
+            raise TierUnavailable(self.tier, _reason(exc)) from None
+        if "error" in out:
+            raise TierRejected(out["error"])
+        return out
+
+    async def continue_step(self, messages, prefix: str, params) -> dict[str, Any]:
+        response = self.handle.continue_step.remote(messages, prefix, params)
         try:
             out = await response
         except asyncio.CancelledError:
@@ -220,6 +251,9 @@ class _CascadeIngress:
         self.cascade = _cascade(cfg, self.tiers["slm"], self.tiers["llm"])
         self.settings = IngressSettings.from_config(cfg, cfg.auth.api_key_sha256)
         self.metrics = CascadeMetrics(cfg.metrics.ray_export)
+        from corea.serve.strategies import StrategyServer
+
+        self.strategies = StrategyServer(self.tiers["slm"], self.tiers["llm"], cfg, self.metrics)
 
     async def probe(self) -> dict[str, str]:
         names = [n for n, t in self.tiers.items() if t is not None]
@@ -227,7 +261,7 @@ class _CascadeIngress:
         return dict(zip(names, states))
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.cascade, self.settings, self.metrics, self.probe)
+        return create_app(self.cascade, self.settings, self.metrics, self.probe, self.strategies)
 
 
 class _DirectSLM(TierServer):

@@ -60,7 +60,7 @@ class IngressSettings:
         if direct:
             models = {c.slm_model_id: "slm"}
         else:
-            models = {c.model_id: "cascade"}
+            models = {c.model_id: "cascade", **cfg.strategies.model_ids}  # step strategies: corea.serve.strategies
             if c.expose_tiers:
                 models.update({c.slm_model_id: "slm", c.llm_model_id: "llm"})
         return cls(models, c.threshold, cfg.limits, frozenset(key_digests))
@@ -88,8 +88,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetrics,
-               probe: Probe | None = None) -> FastAPI:
-    """The FastAPI app serving ``cascade`` under ``settings``."""
+               probe: Probe | None = None, strategies=None) -> FastAPI:
+    """The FastAPI app serving ``cascade`` under ``settings``; ``strategies`` (``corea.serve.strategies``)
+    answers requests whose model id or ``corea.strategy`` selects steer, stepwise_policy or cope."""
     app = FastAPI(title="COREA cascade", docs_url=None, redoc_url=None, openapi_url=None)
     limits = settings.limits
 
@@ -163,6 +164,8 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
             params = sampling(req)
             messages = with_instruction([m.as_chat() for m in req.messages])
             tau = settings.threshold if req.corea.threshold is None else req.corea.threshold
+            if strategies is not None and mode not in ("slm", "llm") and strategies.selects(mode, req.corea.strategy):
+                return await strategies.respond(req, messages, params, mode, model, start)
             if req.stream:
                 plan = await cascade.open_stream(messages, params, mode, tau, model)
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -13,6 +13,9 @@ Series (prometheus_client appends ``_total`` to counters):
     corea_tier_latency_seconds{tier}           one tier call (whole answer or whole stream)
     corea_request_latency_seconds{model, stream}
     corea_slm_confidence                       the SLM's stated confidence; corea_slm_missing_confidence
+    corea_strategy_requests{strategy, outcome} step-level / plan-based strategy requests (corea.serve.strategies)
+    corea_llm_steps_per_request{strategy}      LLM-written steps (or calls) in one answered request
+    corea_strategy_cost{strategy}              paper cost units of those requests, all tiers
 """
 
 from __future__ import annotations
@@ -80,6 +83,12 @@ class CascadeMetrics:
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
         self.missing_confidence = Counter("corea_slm_missing_confidence", "SLM answers without a valid confidence",
                                           registry=r)
+        self.strategy_requests = Counter("corea_strategy_requests", "Strategy requests", ["strategy", "outcome"],
+                                         registry=r)
+        self.llm_steps = Histogram("corea_llm_steps_per_request", "LLM-written steps per request", ["strategy"],
+                                   buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.strategy_cost = Counter("corea_strategy_cost", "Cost in SLM input-token units per strategy",
+                                     ["strategy"], registry=r)
         self._decided = [0, 0]  # [answered by the SLM, deferred]
         self._ray = _RayMirror() if ray_export else None
 
@@ -119,6 +128,22 @@ class CascadeMetrics:
                 ray.inc("tokens", answer.completion_tokens, tier=answer.tier, kind="completion")
                 ray.inc("cost", answer.cost, tier=answer.tier)
                 ray.observe("tier_latency", answer.latency_s, tier=answer.tier)
+
+    def record_strategy(self, model: str, strategy: str, per_tier: dict[str, dict], cost: float, llm_steps: int,
+                        degraded: bool, latency_s: float, stream: bool) -> None:
+        """Account for one answered step-level / plan-based request (``per_tier``: tokens and cost per tier)."""
+        outcome = "degraded" if degraded else "ok"
+        self.requests.labels(model, strategy, outcome).inc()
+        self.request_latency.labels(model, str(stream).lower()).observe(latency_s)
+        self.strategy_requests.labels(strategy, outcome).inc()
+        self.llm_steps.labels(strategy).observe(llm_steps)
+        self.strategy_cost.labels(strategy).inc(cost)
+        for tier, t in per_tier.items():
+            self.tokens.labels(tier, "prompt").inc(t["prompt_tokens"])
+            self.tokens.labels(tier, "completion").inc(t["completion_tokens"])
+            self.cost.labels(tier).inc(t["cost"])
+        if self._ray is not None:
+            self._ray.inc("requests", 1, model=model, tier=strategy, outcome=outcome)
 
     def failure(self, model: str, outcome: str) -> None:
         """Account for a request that got an error response."""

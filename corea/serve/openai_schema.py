@@ -54,7 +54,8 @@ class Message(BaseModel):
 
 class CoreaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    threshold: float | None = Field(None, ge=0, le=MAX_THRESHOLD)
+    threshold: float | None = Field(None, ge=0, le=MAX_THRESHOLD)  # tau of the chosen strategy's rule
+    strategy: Literal["cascade", "steer", "stepwise_policy", "cope"] | None = None
 
 
 class StreamOptions(BaseModel):

@@ -1,0 +1,238 @@
+"""Online evaluation of the collaboration strategies: they change what the models see (a handed-over prefix, a
+plan), so unlike the query-level cascade they cannot be simulated from independent SLM / LLM records.
+
+For a strategy, a question set and a threshold tau: run every question through the strategy
+(``corea.collab.strategies`` over in-process engines, batched), grade the final answers, and report
+    pass@1, cost_rel = mean cost / mean C_LLM-only, cost_rel_cached (prefix cache), flops_rel, llm_share
+(llm_share: mean share of a trace's accepted calls written by the LLM). Thresholds are chosen on a calibration
+split for a target (largest pass@1 drop vs the LLM, or a cost budget) and reported on the held-out split with
+a bootstrap interval over questions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from corea import grading, metrics
+from corea.collab.mixture import StepMixture
+from corea.collab.policy import StepPolicy, calibrate_threshold, reinforce_step, reward
+from corea.collab.strategies import Settings, run, stepwise_policy
+from corea.collab.tiers import EngineTiers
+from corea.collab.trace import Call, CostModel, Trace
+from corea.data import Record
+
+log = logging.getLogger(__name__)
+SYSTEM_FIELDS = ("pass_at_1", "cost_rel", "cost_rel_cached", "flops_rel", "llm_share")
+
+
+def run_traces(strategy: str, engines: dict, records: Sequence[Record], params: dict, s: Settings,
+               explore: np.random.Generator | None = None) -> list[Trace]:
+    """Every record through ``strategy``, concurrently (the engine calls are batched)."""
+    tiers = EngineTiers(engines["slm"], engines["llm"])
+
+    async def main():
+        if strategy in ("slm", "llm"):
+            return await asyncio.gather(*(single(tiers, strategy, r.messages(), params) for r in records))
+        if explore is not None:
+            return await asyncio.gather(*(stepwise_policy(tiers, r.messages(), params, s, explore=explore)
+                                          for r in records))
+        return await asyncio.gather(*(run(strategy, tiers, r.messages(), params, s) for r in records))
+
+    return list(asyncio.run(main()))
+
+
+async def single(tiers, tier: str, messages, params) -> Trace:
+    """One tier alone: its one answer (SLM-only, LLM-only)."""
+    trace = Trace(tier, None)
+    out = await tiers.answer(tier, messages, params)
+    trace.add(Call(tier, "answer", out.prompt_tokens, out.completion_tokens, out.text), "")
+    trace.text = out.text
+    return trace
+
+
+def grade_traces(traces: Sequence[Trace], records: Sequence[Record]) -> np.ndarray:
+    verdicts = grading.grade_groups([([t.answer], r.gold, r.kind) for t, r in zip(traces, records)])
+    return np.array([v[0] for v in verdicts], dtype=float)
+
+
+@dataclass
+class Outcome:
+    """Per-question results of one strategy at one threshold."""
+
+    strategy: str
+    threshold: float | None
+    correct: np.ndarray
+    cost: np.ndarray
+    cost_cached: np.ndarray
+    flops: np.ndarray
+    llm_share: np.ndarray
+    traces: list[Trace] = field(default_factory=list, repr=False)
+
+    def summary(self, llm_only: "Outcome") -> dict[str, float]:
+        return {"pass_at_1": float(self.correct.mean()),
+                "cost_rel": float(self.cost.mean() / llm_only.cost.mean()),
+                "cost_rel_cached": float(self.cost_cached.mean() / llm_only.cost_cached.mean()),
+                "flops_rel": float(self.flops.mean() / llm_only.flops.mean()),
+                "llm_share": float(self.llm_share.mean())}
+
+    def pass_interval(self, n_boot: int = 1000, seed: int = 0) -> metrics.Interval:
+        return metrics.pass_at_1_ci(self.correct, n_boot=n_boot, seed=seed)
+
+
+def outcome(strategy: str, tau: float | None, traces: list[Trace], records, model: CostModel) -> Outcome:
+    costs = [t.costs(model) for t in traces]
+    return Outcome(strategy, tau, grade_traces(traces, records), *(np.array([c[k] for c in costs])
+                   for k in ("cost", "cost_cached", "flops")), np.array([t.llm_share() for t in traces]), traces)
+
+
+def single_tier(tier: str, engines, records, params, model: CostModel) -> Outcome:
+    """SLM-only or LLM-only: one answer per question."""
+    traces = run_traces(tier, engines, records, params, Settings())
+    return outcome(tier, None, traces, records, model)
+
+
+def sweep(strategy: str, engines, records, params, s: Settings, taus: Sequence[float], model: CostModel
+          ) -> list[Outcome]:
+    return [outcome(strategy, float(t), run_traces(strategy, engines, records, params, replace(s, threshold=float(t))),
+                    records, model) for t in taus]
+
+
+def choose(points: Sequence[Outcome], llm_only: Outcome, max_drop: float | None = None,
+           budget: float | None = None) -> float | None:
+    """tau on a calibration sweep for a target (``corea.collab.policy.calibrate_threshold``)."""
+    rows = [p.summary(llm_only) for p in points]
+    return calibrate_threshold([p.threshold for p in points], [r["pass_at_1"] for r in rows],
+                               [r["cost_rel"] for r in rows], float(llm_only.correct.mean()), max_drop, budget)
+
+
+def fit_mixture(engines, records, params, s: Settings, seed: int = 0) -> StepMixture:
+    """STEER's mixture, fitted on the SLM's step confidences of ``records`` with no handoff (unlabeled)."""
+    traces = run_traces("steer", engines, records, params, replace(s, threshold=-1.0, mixture=None))
+    conf = [c.confidence for t in traces for c in t.calls if c.role == "step" and c.confidence is not None]
+    return StepMixture.fit(conf, seed=seed)
+
+
+def train_policy(engines, records, params, s: Settings, model: CostModel, lam: float = 0.3, iterations: int = 12,
+                 lr: float = 0.02, seed: int = 0) -> tuple[StepPolicy, list[dict[str, float]]]:
+    """REINFORCE on ``records``: each iteration runs every question once with sampled actions."""
+    import torch
+
+    llm = single_tier("llm", engines, records, params, model)
+    policy = StepPolicy(seed=seed)
+    with torch.no_grad():
+        policy.net[-1].bias.fill_(-1.0)  # start mostly with the SLM: P(call LLM) ~ 0.27
+    opt = torch.optim.Adam(policy.net.parameters(), lr=lr)
+    rng, history = np.random.default_rng(seed), []
+    for it in range(iterations):
+        traces = run_traces("stepwise_policy", engines, records, params, replace(s, policy=policy), explore=rng)
+        out = outcome("stepwise_policy", None, traces, records, model)
+        rel = out.cost / llm.cost
+        episodes = [(t.decisions, reward(y, c, lam)) for t, y, c in zip(traces, out.correct, rel)]
+        loss = reinforce_step(policy, opt, episodes)
+        history.append({"iteration": it, "pass_at_1": float(out.correct.mean()), "cost_rel": float(rel.mean()),
+                        "reward": float(np.mean([r for _, r in episodes])), "loss": loss})
+        log.info("policy iteration %d: %s", it, history[-1])
+    return policy, history
+
+
+def system_row(name: str, held: Outcome, llm_only: Outcome, n_boot: int = 1000) -> dict[str, Any]:
+    ci = held.pass_interval(n_boot)
+    return {"system": name, "threshold": held.threshold, **held.summary(llm_only),
+            "pass_at_1_low": ci.low, "pass_at_1_high": ci.high}
+
+
+def llm_call_positions(traces: Sequence[Trace]) -> list[int]:
+    """Step indices at which the LLM wrote (accepted) a step: where in the trace it was called."""
+    return [c.step for t in traces for c in t.calls if c.tier == "llm" and c.accepted and c.step is not None]
+
+
+# ------------------------------------------------------------------------------ `corea eval` integration
+STRATEGY_RECORDS_FILE = "strategy_records.parquet"
+SYSTEM_NAMES = {"cascade": "COREA (online)", "steer": "STEER", "stepwise_policy": "Stepwise policy", "cope": "COPE"}
+
+
+def split_questions(records: Sequence[Record], seed: int, train: float, cal: float) -> dict[str, list[Record]]:
+    from corea.evaluate.records import split_key
+
+    out = {"train": [], "cal": [], "eval": []}
+    for r in records:
+        k = split_key(seed + 1, r.dataset, r.id)  # independent of the report's own calibration split
+        out["train" if k < train else "cal" if k < train + cal else "eval"].append(r)
+    return out
+
+
+def _rows(o: Outcome, records, llm: Outcome, split: str) -> list[dict[str, Any]]:
+    import json
+
+    return [{"dataset": r.dataset, "id": r.id, "strategy": o.strategy, "split": split, "threshold": o.threshold,
+             "correct": bool(y), "cost": c, "cost_cached": cc, "flops": f, "llm_share": s,
+             "llm_only_cost": lc, "llm_only_flops": lf,
+             "calls": json.dumps([{k: d[k] for k in ("tier", "role", "tokens", "prompt_tokens", "confidence",
+                                                     "accepted")} | {"step": call.step}
+                                  for d, call in zip(t.steps(), t.calls)])}
+            for r, y, c, cc, f, s, lc, lf, t in zip(records, o.correct, o.cost, o.cost_cached, o.flops, o.llm_share,
+                                                    llm.cost, llm.flops, o.traces)]
+
+
+def evaluate_strategies(cfg, paths: dict[str, str], questions: Sequence[Record]):
+    """Per-question rows of every configured strategy: the calibration sweep and the held-out run at the
+    chosen tau (``split`` = "cal" / "eval"), with per-call tiers in ``calls`` (JSON)."""
+    import pandas as pd
+
+    from corea.cost import thresholds
+    from corea.engines import load_engine
+
+    sc = cfg.strategies
+    for role in (sc.slm, "llm"):
+        if role not in paths:
+            raise ValueError(f"strategies need models.{role}")
+    opts = {**cfg.engine.options}
+    engines = {t: load_engine(paths[role], cfg.engine.backend, **opts) for t, role in (("slm", sc.slm), ("llm", "llm"))}
+    model = CostModel(cfg.cascade.size_ratio, *(sum(p.numel() for p in e.model.parameters()) if hasattr(e, "model")
+                                                 else 1.0 for e in (engines["slm"], engines["llm"])))
+    params = {"max_tokens": cfg.generation.max_tokens, "temperature": cfg.generation.temperature,
+              "top_p": cfg.generation.top_p, "seed": cfg.seed}
+    base = Settings(max_steps=sc.max_steps, max_step_tokens=sc.max_step_tokens, aggregate=sc.aggregate,
+                    lookahead=sc.lookahead)
+    split = split_questions(questions, cfg.seed, sc.train_fraction, sc.calibration_fraction)
+    if not split["cal"] or not split["eval"]:
+        raise ValueError("strategies: the calibration or held-out split is empty (too few questions)")
+    llm = {k: single_tier("llm", engines, split[k], params, model) for k in ("cal", "eval")}
+    rows = []
+    for name in sc.names:
+        s = base
+        if name == "steer":
+            s = replace(base, mixture=fit_mixture(engines, split["cal"], params, base, seed=cfg.seed))
+        if name == "stepwise_policy":
+            train = split["train"] or split["cal"]
+            policy, _ = train_policy(engines, train, params, base, model, lam=sc.policy_lambda,
+                                     iterations=sc.policy_iterations, seed=cfg.seed)
+            s = replace(base, policy=policy)
+        points = sweep(name, engines, split["cal"], params, s, thresholds(sc.sweep_step), model)
+        tau = choose(points, llm["cal"], max_drop=sc.max_drop)
+        held = sweep(name, engines, split["eval"], params, s, [tau], model)[0]
+        for p in points:
+            rows += _rows(p, split["cal"], llm["cal"], "cal")
+        rows += _rows(held, split["eval"], llm["eval"], "eval")
+        log.info("strategy %s: tau %.2f, held-out %s", name, tau, held.summary(llm["eval"]))
+    return pd.DataFrame(rows)
+
+
+def strategy_summary(frame, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out rows per (strategy, dataset group 'all'): pass@1 with a bootstrap interval and the three costs
+    relative to LLM-only on the same questions."""
+    out = []
+    held = frame[frame["split"] == "eval"]
+    for name, g in held.groupby("strategy", sort=False):
+        ci = metrics.pass_at_1_ci(g["correct"].to_numpy(float), n_boot=n_boot, seed=seed)
+        out.append({"system": SYSTEM_NAMES.get(name, name), "strategy": name, "threshold": float(g["threshold"].iloc[0]),
+                    "questions": len(g), "pass_at_1": ci.value, "pass_at_1_low": ci.low, "pass_at_1_high": ci.high,
+                    "cost_rel": g["cost"].mean() / g["llm_only_cost"].mean(),
+                    "cost_rel_cached": g["cost_cached"].mean() / g["llm_only_cost"].mean(),
+                    "flops_rel": g["flops"].mean() / g["llm_only_flops"].mean(), "llm_share": g["llm_share"].mean()})
+    return out
