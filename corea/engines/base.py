@@ -13,6 +13,10 @@ ChatMessages = list[dict[str, str]]
 Prompt = Union[str, ChatMessages]
 
 
+class EngineInputError(ValueError):
+    """The request cannot be served as given (bad prompt, too long for the context): a client error."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings shared by every backend (the vLLM names)."""

@@ -42,8 +42,9 @@ def build_cascade(cfg: ServeConfig):
 
     cfg = prepare(cfg)
     data = cfg.model_dump(mode="json")
-    slm = SLM.options(**cfg.slm.serve_options("SLM")).bind(data["slm"], "slm", cfg.work_dir)
-    llm = LLM.options(**cfg.llm.serve_options("LLM")).bind(data["llm"], "llm", cfg.work_dir)
+    cap = cfg.limits.max_prompt_tokens
+    slm = SLM.options(**cfg.slm.serve_options("SLM")).bind(data["slm"], "slm", cfg.work_dir, cap)
+    llm = LLM.options(**cfg.llm.serve_options("LLM")).bind(data["llm"], "llm", cfg.work_dir, cap)
     return CascadeIngress.options(**cfg.ingress.serve_options("CascadeIngress")).bind(slm, llm, data)
 
 
