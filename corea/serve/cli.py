@@ -46,7 +46,8 @@ def _connect(cfg) -> None:
         ray.init(address=address)
     else:
         os.environ.update(proxy_env(cfg))
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=cfg.ray.include_dashboard)
 
 
 def run_serve(args: argparse.Namespace) -> int:
