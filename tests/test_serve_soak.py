@@ -175,14 +175,16 @@ def test_slow_bodies_do_not_hold_the_ingress(served):
 
 
 def test_websocket_upgrade_without_key_is_answered(served):
-    """Upstream, the Serve proxy (uvicorn + h11, no WebSocket library) pauses on an Upgrade request and never
-    hands the body over; the proxy middleware's body deadline turns that into an answer."""
+    """Upstream, the Serve proxy hands a POST with ``Upgrade: websocket`` to uvicorn's WebSocket protocol, whose
+    parser fails without answering (uvicorn 0.54, websockets 17); the proxy callback turns that protocol off, so
+    the request is plain HTTP and gets an answer at once."""
 
     async def main():
         reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
         payload = json.dumps(body()).encode()
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: " + str(len(payload)).encode() +
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(payload)).encode() +
                      b"\r\n\r\n" + payload)
         await writer.drain()
         start = time.perf_counter()
@@ -192,8 +194,11 @@ def test_websocket_upgrade_without_key_is_answered(served):
 
     raw, elapsed = asyncio.run(main())
     status = int(raw.split(b" ", 2)[1])
+    # h11 holds back the body of a request proposing a protocol switch: the ingress sees none (400 JSON)
     assert 400 <= status < 500 and b"application/json" in raw.partition(b"\r\n\r\n")[0].lower(), raw[:300]
-    assert elapsed < 8 + 3
+    assert json.loads(raw.partition(b"\r\n\r\n")[2])["error"]["message"]
+    assert elapsed < 5
+    print(f"POST with Upgrade: websocket and no key: {status} after {elapsed:.2f} s")
 
 
 def test_dead_ingress_in_flight_requests_get_503_json(served):
@@ -242,7 +247,7 @@ def _traffic_mix() -> list[tuple[str, dict]]:
     return [
         ("ok", {"json": body(EASY)}),
         ("ok", {"json": body(HARD)}),  # deferred to the LLM
-        ("ok", {"json": body(EASY, stream=True)}),
+        ("stream", {"json": body(EASY, stream=True)}),
         ("ok", {"json": body(EASY, stream=None, n=None)}),
         ("bad", {"content": b"[" * 969, "headers": js}),
         ("bad", {"content": json.dumps(body("\ud800")).encode(), "headers": js}),
@@ -339,8 +344,9 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
     with httpx.Client(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
         for kind, args in mix * 2:
             resp = http.post("/v1/chat/completions", **args)
-            assert resp.status_code == (200 if kind == "ok" else resp.status_code) and resp.status_code < 500
-            sent["ok" if kind == "ok" else "client_error"] += 1
+            good = kind in ("ok", "stream")
+            assert resp.status_code == 200 if good else 400 <= resp.status_code < 500, (kind, resp.text[:200])
+            sent["ok" if good else "client_error"] += 1
     after = _requests_total(served.url)
     counted = {k: after.get(k, 0) - before.get(k, 0) for k in sent}
 
@@ -353,13 +359,13 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
           f"max {latencies[-1]:.2f} s; quiet phase sent {sent}, counted {counted}")
     for ph, kind, _, _, status, ctype, code, text in log:
         assert status != "timeout", (ph, kind)
-        if isinstance(status, str):  # no connection: only while the proxy is being replaced
-            assert ph == "proxy", (ph, kind, status)
+        if isinstance(status, str):  # no connection while the proxy is replaced; a stream cut by its ingress
+            assert ph == "proxy" or (ph == "CascadeIngress" and kind == "stream"), (ph, kind, status)
             continue
         if status >= 500:
             assert status == 503 and ctype.startswith("application/json"), (ph, kind, status, text[:200])
             assert code in ("tier_unavailable", "tier_overloaded", "replica_unavailable", "service_unavailable")
-        elif kind == "ok" or kind == "probe":
+        elif kind in ("ok", "stream", "probe"):
             assert status == 200, (ph, kind, status, text[:200])
         elif kind == "slow":
             assert status == 408, (ph, status)

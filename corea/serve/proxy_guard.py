@@ -20,6 +20,13 @@ process that starts Ray, or of every ``ray start``):
   request in flight: uvicorn's bare 500 becomes 503 ``replica_unavailable``);
 - refuses WebSocket handshakes (the API has none).
 
+``middlewares()`` also turns off uvicorn's WebSocket protocol in the proxy process (Serve builds its
+``uvicorn.Config`` with ``ws="auto"`` and exposes no option for it). Upstream, with the ``websockets`` library
+installed, a non-GET request carrying ``Connection: Upgrade`` / ``Upgrade: websocket`` is handed to uvicorn's
+sans-I/O WebSocket protocol, whose handshake parser fails on it and raises in ``handle_parser_exception``
+(uvicorn 0.54) before anything is written: the connection is never answered. Without the WebSocket protocol,
+uvicorn's h11 protocol treats ``Upgrade`` as unsupported and serves the request as plain HTTP.
+
 Settings come from ``COREA_BODY_TIMEOUT_S``, ``COREA_BODY_MIN_RATE_BPS`` and ``COREA_MAX_BODY_BYTES``
 (``corea.serve.app.proxy_env`` writes them from the serving config).
 """
@@ -162,8 +169,17 @@ def settings_from_env(env=os.environ) -> dict[str, float]:
             "max_body_bytes": int(env.get("COREA_MAX_BODY_BYTES", 1 << 20))}
 
 
+def http_only_uvicorn() -> None:
+    """Make uvicorn's ``ws="auto"`` resolve to no WebSocket protocol in this process (read when the proxy's
+    ``uvicorn.Config`` loads, after the proxy callback has run)."""
+    import uvicorn.protocols.websockets.auto as auto
+
+    auto.AutoWebSocketsProtocol = None
+
+
 def middlewares() -> list:
-    """The callback of ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``."""
+    """The callback of ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, run once in each proxy process."""
     from starlette.middleware import Middleware
 
+    http_only_uvicorn()
     return [Middleware(ProxyGuard, **settings_from_env())]
