@@ -67,7 +67,8 @@ def served(tmp_path_factory):
         "name": name, "work_dir": str(work), "http.port": port, "auth.api_keys_env": KEY_ENV,
         "slm.autoscaling.max_replicas": 1, "llm.autoscaling.max_replicas": 1, "limits.default_max_tokens": 16,
         "limits.max_prompt_tokens": 512, "limits.body_min_rate_bps": 1, "limits.body_timeout_s": 8,
-        "limits.slm_timeout_s": 20, "limits.llm_timeout_s": 20})
+        "limits.slm_timeout_s": 20, "limits.llm_timeout_s": 20, "ingress.health_check_period_s": 2,
+        "slm.health_check_period_s": 2, "llm.health_check_period_s": 2})
     try:
         cfg = prepare(cfg)  # what `corea serve` does first
         assert KEY_ENV not in os.environ
@@ -205,8 +206,8 @@ def test_dead_ingress_in_flight_requests_get_503_json(served):
     async def main():
         async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
             inflight = [asyncio.create_task(http.post("/v1/chat/completions", json=body(
-                HARD, model="corea-llm", max_tokens=200))) for _ in range(6)]
-            await asyncio.sleep(1.0)
+                HARD, model="corea-llm", max_tokens=512))) for _ in range(6)]
+            await asyncio.sleep(0.5)  # the LLM is decoding them (512 tokens each take seconds)
             os.kill(actor_pids(served.name)["CascadeIngress"], signal.SIGKILL)
             killed = time.perf_counter()
             results = await asyncio.gather(*inflight)
@@ -263,7 +264,7 @@ def _traffic_mix() -> list[tuple[str, dict]]:
 
 
 def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
-    """Mixed traffic from 6 clients (and stalled bodies) while the SLM, LLM, ingress and proxy replicas are
+    """Mixed traffic from 4 clients (and 10 stalled bodies at a time) while the SLM, LLM, ingress and proxy replicas are
     killed in turn (SIGKILL; the proxy through ray.kill); each kill waits for recovery (3 deferred requests
     answered in a row) before the next. Then a quiet phase checks that /metrics counted every response."""
     mix = _traffic_mix()
@@ -283,6 +284,7 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
             entry = ("timeout", "", None, "")
         except httpx.TransportError as exc:
             entry = (type(exc).__name__, "", None, "")
+            await asyncio.sleep(0.5)  # no connection: back off as a client would
         log.append((phase["name"], kind, start, time.perf_counter(), *entry))
         return entry[0]
 
@@ -298,8 +300,10 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
         while not stop.is_set():
             results = await asyncio.gather(*(_slow_client(served.port, 20) for _ in range(10)),
                                            return_exceptions=True)
-            log.extend((phase["name"], "slow", 0, r[0], r[1], "", None, "") for r in results
+            log.extend((phase["name"], "slow", 0, r[0], r[1] or "closed", "", None, "") for r in results
                        if not isinstance(r, BaseException))
+            if any(isinstance(r, BaseException) for r in results):
+                await asyncio.sleep(0.5)
 
     async def recovered(since: float, limit: float = 120.0) -> float:
         async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
@@ -321,16 +325,16 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
 
     async def scenario():
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(client(i, stop)) for i in range(6)] + [asyncio.create_task(stalled(stop))]
-        await asyncio.sleep(5)
+        tasks = [asyncio.create_task(client(i, stop)) for i in range(4)] + [asyncio.create_task(stalled(stop))]
+        await asyncio.sleep(4)
         for kind in ("SLM", "LLM", "CascadeIngress", "proxy"):
             phase["name"] = kind
             await asyncio.to_thread(kill, kind)
             killed = time.perf_counter()
             timeline[kind] = await recovered(killed)
-            await asyncio.sleep(3)
+            await asyncio.sleep(2)
         phase["name"] = "after"
-        await asyncio.sleep(3)
+        await asyncio.sleep(2)
         stop.set()
         await asyncio.gather(*tasks)
 
