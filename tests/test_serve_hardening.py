@@ -188,3 +188,87 @@ def test_body_deadline_is_a_total_bound_and_a_minimum_rate():
     assert body_deadline(100.0, 1 << 20, 10.0, 1024.0) == 110.0
     cfg = load_serve_config(TINY)
     assert (cfg.limits.body_timeout_s, cfg.limits.body_min_rate_bps, cfg.limits.max_json_depth) == (10.0, 1024.0, 32)
+
+
+# ---------------------------------------------------------------- the Serve proxy middleware, as plain ASGI
+
+
+def run_guard(inner, messages, timeout_s=0.5, max_body=1000, scope_type="http"):
+    """Drive ``ProxyGuard(inner)`` with client ``messages`` (None: the client waits forever); returns what it sent
+    and how long it took."""
+    import time
+
+    from corea.serve.proxy_guard import ProxyGuard
+
+    guard = ProxyGuard(inner, body_timeout_s=timeout_s, min_rate_bps=1e9, max_body_bytes=max_body)
+    sent, queue = [], list(messages)
+
+    async def receive():
+        if queue:
+            item = queue.pop(0)
+            if item is not None:
+                return item
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": scope_type, "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json")]}
+    start = time.perf_counter()
+    asyncio.run(asyncio.wait_for(guard(scope, receive, send), 10))
+    return sent, time.perf_counter() - start
+
+
+def _status_and_error(sent):
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(body)["error"]
+
+
+async def _echo(scope, receive, send):
+    message = await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": message["body"]})
+
+
+def test_proxy_guard_reads_the_body_before_routing_and_cuts_slow_ones():
+    called = []
+
+    async def inner(scope, receive, send):
+        called.append(scope)
+        await _echo(scope, receive, send)
+
+    sent, elapsed = run_guard(inner, [{"type": "http.request", "body": b"{" * 40, "more_body": True}, None])
+    status, _, error = _status_and_error(sent)
+    assert status == 408 and error["code"] == "request_timeout" and called == [] and elapsed < 2
+    sent, _ = run_guard(inner, [{"type": "http.request", "body": b'{"a":', "more_body": True},
+                                {"type": "http.request", "body": b"1}", "more_body": False}])
+    assert sent[-1]["body"] == b'{"a":1}' and len(called) == 1  # reassembled, then routed once
+    sent, _ = run_guard(inner, [{"type": "http.request", "body": b"x" * 2000, "more_body": False}])
+    assert _status_and_error(sent)[0] == 413
+
+
+def test_proxy_guard_turns_text_errors_and_silence_into_json():
+    async def text_503(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"2")]})
+        await send({"type": "http.response.body", "body": b"Back pressure: queue full"})
+
+    async def dies(scope, receive, send):  # what the proxy does when the ingress replica died mid-request
+        await receive()
+
+    status, headers, error = _status_and_error(run_guard(text_503, [{"type": "http.request", "body": b"{}"}])[0])
+    assert status == 503 and headers[b"retry-after"] == b"2" and error["message"] == "Back pressure: queue full"
+    status, headers, error = _status_and_error(run_guard(dies, [{"type": "http.request", "body": b"{}"}])[0])
+    assert status == 503 and error["code"] == "replica_unavailable" and headers[b"retry-after"] == b"1"
+    gone = [{"type": "http.request", "body": b"{}"}, {"type": "http.disconnect"}]
+
+    async def waits_for_disconnect(scope, receive, send):
+        await receive()
+        await receive()
+
+    assert run_guard(waits_for_disconnect, gone)[0] == []  # a client that left gets nothing
+    closed = run_guard(_echo, [], scope_type="websocket")[0]
+    assert closed == [{"type": "websocket.close", "code": 1008}]

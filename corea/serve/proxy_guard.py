@@ -81,7 +81,8 @@ class ProxyGuard:
             return
         if body is None:  # the client went away while sending
             return
-        await self._forward(scope, _replay(body, receive), send)
+        gone = asyncio.Event()
+        await self._forward(scope, _replay(body, receive, gone), send, gone)
 
     async def _read_body(self, scope, receive) -> bytes | None:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
@@ -106,7 +107,7 @@ class ProxyGuard:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _forward(self, scope, receive, send) -> None:
+    async def _forward(self, scope, receive, send, gone: asyncio.Event) -> None:
         state: dict[str, Any] = {"started": False, "rewrite": None}
 
         async def guarded_send(message) -> None:
@@ -135,7 +136,7 @@ class ProxyGuard:
             await self.app(scope, receive, guarded_send)
         except Exception:  # noqa: BLE001 - the proxy normally answers itself; never a bare 500
             log.exception("the Serve proxy raised while handling a request")
-        if not state["started"]:
+        if not state["started"] and not gone.is_set():  # nobody answered a client still there
             log.warning("no response for %s %s: the ingress replica stopped with the request in flight",
                         scope.get("method"), scope.get("path"))
             for message in _json_error(503, "the server replica handling this request stopped; retry",
@@ -149,8 +150,9 @@ class _Refused(Exception):
         self.status, self.message = status, message
 
 
-def _replay(body: bytes, receive):
-    """A ``receive`` that yields the buffered body once, then defers to the client's (disconnects)."""
+def _replay(body: bytes, receive, gone: asyncio.Event):
+    """A ``receive`` that yields the buffered body once, then defers to the client's (``gone`` is set when
+    it disconnects)."""
     sent = False
 
     async def replay():
@@ -158,7 +160,10 @@ def _replay(body: bytes, receive):
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            gone.set()
+        return message
 
     return replay
 
