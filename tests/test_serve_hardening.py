@@ -270,5 +270,20 @@ def test_proxy_guard_turns_text_errors_and_silence_into_json():
         await receive()
 
     assert run_guard(waits_for_disconnect, gone)[0] == []  # a client that left gets nothing
+
+    def proxy(ready: bool):
+        async def app(scope, receive, send):  # Serve's proxy: 404 for every route until its routes arrive
+            healthz = scope["path"] == "/-/healthz"
+            status = (200 if ready else 503) if healthz else 404
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+            await send({"type": "http.response.body", "body": b"Path '/v1' not found."})
+        return app
+
+    request = [{"type": "http.request", "body": b"{}"}]
+    status, headers, error = _status_and_error(run_guard(proxy(ready=False), request)[0])
+    assert status == 503 and error["code"] == "proxy_starting" and headers[b"retry-after"] == b"1"
+    status, _, error = _status_and_error(run_guard(proxy(ready=True), request)[0])
+    assert status == 404 and error["code"] == "not_found"
     closed = run_guard(_echo, [], scope_type="websocket")[0]
     assert closed == [{"type": "websocket.close", "code": 1008}]

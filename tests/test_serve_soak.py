@@ -368,7 +368,8 @@ def test_soak_and_chaos_one_replica_of_each_kind_killed_in_turn(served):
             continue
         if status >= 500:
             assert status == 503 and ctype.startswith("application/json"), (ph, kind, status, text[:200])
-            assert code in ("tier_unavailable", "tier_overloaded", "replica_unavailable", "service_unavailable")
+            assert code in ("tier_unavailable", "tier_overloaded", "replica_unavailable", "proxy_starting",
+                            "service_unavailable"), (ph, kind, code)
         elif kind in ("ok", "stream", "probe"):
             assert status == 200, (ph, kind, status, text[:200])
         elif kind == "slow":

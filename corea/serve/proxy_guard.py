@@ -17,7 +17,9 @@ process that starts Ray, or of every ``ray start``):
   more than ``max_body_bytes`` is 413. Slow clients hold proxy coroutines only, never replica slots;
 - answers with an OpenAI-style JSON error (and ``Retry-After`` on 503) where the proxy would send text/plain
   (404 unknown route, 408, 429/503 back-pressure) or nothing at all (the ingress replica died with the
-  request in flight: uvicorn's bare 500 becomes 503 ``replica_unavailable``);
+  request in flight: uvicorn's bare 500 becomes 503 ``replica_unavailable``); a route miss while the proxy's
+  own ``/-/healthz`` says it is not ready (a restarted proxy before the route table arrives) is 503
+  ``proxy_starting``, not 404;
 - refuses WebSocket handshakes (the API has none).
 
 ``middlewares()`` also turns off uvicorn's WebSocket protocol in the proxy process (Serve builds its
@@ -125,9 +127,12 @@ class ProxyGuard:
                 rewrite["text"] = (rewrite["text"] + message.get("body", b""))[:1000]
                 if message.get("more_body", False):
                     return
-                status = rewrite["status"]
+                status, code, headers = rewrite["status"], _CODES.get(rewrite["status"]), rewrite["headers"]
                 text = rewrite["text"].decode("utf-8", "replace").strip() or f"HTTP {status}"
-                for m in _json_error(status, text, _CODES.get(status), rewrite["headers"]):
+                if status == 404 and not await self._proxy_ready(scope):
+                    status, code, headers = 503, "proxy_starting", [*headers, (b"retry-after", b"1")]
+                    text = "the server is starting and has no routes yet; retry"
+                for m in _json_error(status, text, code, headers):
                     await send(m)
                 return
             await send(message)
@@ -142,6 +147,27 @@ class ProxyGuard:
             for message in _json_error(503, "the server replica handling this request stopped; retry",
                                        "replica_unavailable", [(b"retry-after", b"1")]):
                 await send(message)
+
+
+    async def _proxy_ready(self, scope) -> bool:
+        """The proxy's own ``/-/healthz`` verdict: a fresh proxy answers every path with 404 until the controller
+        has sent it the route table, while its health route already says 503 (not ready for traffic)."""
+        status = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        probe = {**scope, "method": "GET", "path": "/-/healthz", "raw_path": b"/-/healthz", "query_string": b"",
+                 "headers": []}
+        try:
+            await self.app(probe, receive, send)
+        except Exception:  # noqa: BLE001 - an unanswerable probe means not ready
+            return False
+        return status == [200]
 
 
 class _Refused(Exception):
