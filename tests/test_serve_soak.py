@@ -202,6 +202,31 @@ def test_websocket_upgrade_without_key_is_answered(served):
     print(f"POST with Upgrade: websocket and no key: {status} after {elapsed:.2f} s")
 
 
+def test_long_prompts_are_refused_without_starving_easy_ones(served):
+    """10 concurrent 32,000-character prompts (over limits.max_prompt_tokens: 512 here) with easy requests
+    beside them: the long ones get 400 from the tier's token count, before any generation; the easy ones 200."""
+
+    async def main():
+        async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
+            async def timed(question):
+                start = time.perf_counter()
+                resp = await http.post("/v1/chat/completions", json=body(question))
+                return resp, time.perf_counter() - start
+
+            usual = [(await timed(EASY))[1] for _ in range(3)]
+            long = [asyncio.create_task(timed("x" * 32000)) for _ in range(10)]
+            easy = [asyncio.create_task(timed(EASY)) for _ in range(5)]
+            return usual, await asyncio.gather(*long), await asyncio.gather(*easy)
+
+    usual, long, easy = asyncio.run(main())
+    for resp, _ in long:
+        assert resp.status_code == 400 and "at most 512 are allowed" in resp.json()["error"]["message"], resp.text
+    assert all(resp.status_code == 200 for resp, _ in easy)
+    print(f"10 long prompts refused in at most {max(t for _, t in long):.2f} s; easy requests beside them at most "
+          f"{max(t for _, t in easy):.2f} s (alone: median {sorted(usual)[1]:.2f} s)")
+    assert max(t for _, t in easy) < 3 * sorted(usual)[1] + 2.0
+
+
 def test_dead_ingress_in_flight_requests_get_503_json(served):
     async def main():
         async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
