@@ -214,7 +214,7 @@ def test_long_prompts_are_refused_without_starving_easy_ones(served):
                 return resp, time.perf_counter() - start
 
             usual = [(await timed(EASY))[1] for _ in range(3)]
-            long = [asyncio.create_task(timed("x" * 32000)) for _ in range(10)]
+            long = [asyncio.create_task(timed("word " * 6400)) for _ in range(10)]
             easy = [asyncio.create_task(timed(EASY)) for _ in range(5)]
             return usual, await asyncio.gather(*long), await asyncio.gather(*easy)
 
