@@ -3,6 +3,7 @@ in-process fake tiers), metrics, and the tier server's batching on a tiny checkp
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -125,6 +126,8 @@ def test_api_keys_come_from_the_environment_as_digests(monkeypatch):
     monkeypatch.setenv("COREA_API_KEYS", "k1, k2")
     auth = prepare(cfg).auth
     assert auth.api_keys_env is None and sorted(auth.api_key_sha256) == sorted([key_digest("k1"), key_digest("k2")])
+    assert "COREA_API_KEYS" not in os.environ  # consumed: a Ray cluster started afterwards never sees it
+    monkeypatch.setenv("COREA_API_KEYS", "k1, k2")
     direct = build_app({"config": str(P5EN), "app": "direct_slm"})._bound_deployment
     assert direct.name == "SLMDirect" and direct.ray_actor_options["accelerator_type"] == "H200"
 

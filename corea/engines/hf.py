@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import torch
 
 from corea.engines.base import (
+    EngineInputError,
     Generation,
     Prompt,
     Sample,
@@ -112,8 +113,14 @@ class HFEngine:
         return render_prompt(self.tokenizer, prompt)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Prompt token ids (special tokens added to plain strings only, as the chat template has them)."""
-        return encode_prompt(self.tokenizer, prompt)
+        """Prompt token ids (special tokens added to plain strings only, as the chat template has them).
+        A prompt the tokenizer cannot take (a lone surrogate, a malformed message) raises ``EngineInputError``."""
+        try:
+            return encode_prompt(self.tokenizer, prompt)
+        except EngineInputError:
+            raise
+        except (TypeError, ValueError, UnicodeError) as exc:
+            raise EngineInputError(f"the prompt cannot be tokenized ({type(exc).__name__})") from exc
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[Generation]:
@@ -133,7 +140,7 @@ class HFEngine:
             encoded = [self.encode(p) for p in check_prompts(prompts)]
         for ids in encoded:
             if len(ids) + params.max_tokens > self.max_model_len:
-                raise ValueError(
+                raise EngineInputError(
                     f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                     f"{self.max_model_len} positions"
                 )
@@ -292,7 +299,7 @@ class HFEngine:
             except BaseException as exc:  # handed to the consumer
                 put(exc)
 
-        self.render(prompt)  # reject a bad prompt before starting the thread
+        self.encode(prompt)  # reject a bad prompt (EngineInputError) before starting the thread
         thread = threading.Thread(target=work, name="corea-hf-stream", daemon=True)
         thread.start()
         try:

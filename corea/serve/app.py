@@ -21,19 +21,33 @@ from corea.serve.config import ConfigError, ServeConfig, load_serve_config
 
 def prepare(cfg: ServeConfig) -> ServeConfig:
     """The config as replicas receive it: ``work_dir`` absolute, API keys from ``auth.api_keys_env`` turned into
-    SHA-256 digests (so keys never travel in deployment arguments). A named but unset variable is an error."""
+    SHA-256 digests (so keys never travel in deployment arguments) and the variable removed from this process's
+    environment, so that a Ray cluster started from here does not hand it to every worker. A named but unset
+    variable is an error; a config already prepared passes through unchanged."""
     from corea.serve.ingress import key_digest
 
     data = cfg.model_dump(mode="json")
     data["work_dir"] = str(Path(cfg.work_dir).expanduser().resolve())
     env = cfg.auth.api_keys_env
     if env:
-        keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+        keys = [k.strip() for k in os.environ.pop(env, "").split(",") if k.strip()]
         if not keys:
             raise ConfigError(f"auth.api_keys_env: the environment variable {env} is unset or empty")
         data["auth"]["api_key_sha256"] = sorted(set(cfg.auth.api_key_sha256) | {key_digest(k) for k in keys})
         data["auth"]["api_keys_env"] = None
     return ServeConfig.model_validate(data)
+
+
+def proxy_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment for the Serve HTTP proxies (set before Ray starts): ``corea.serve.proxy_guard`` as the
+    proxy middleware, with the body deadline, minimum rate and size limit of ``cfg.limits``."""
+    from corea.serve.proxy_guard import CALLBACK
+
+    limits = cfg.limits
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
+            "COREA_BODY_TIMEOUT_S": f"{limits.body_timeout_s:g}",
+            "COREA_BODY_MIN_RATE_BPS": f"{limits.body_min_rate_bps:g}",
+            "COREA_MAX_BODY_BYTES": str(limits.max_body_bytes)}
 
 
 def build_cascade(cfg: ServeConfig):
@@ -42,8 +56,9 @@ def build_cascade(cfg: ServeConfig):
 
     cfg = prepare(cfg)
     data = cfg.model_dump(mode="json")
-    slm = SLM.options(**cfg.slm.serve_options("SLM")).bind(data["slm"], "slm", cfg.work_dir)
-    llm = LLM.options(**cfg.llm.serve_options("LLM")).bind(data["llm"], "llm", cfg.work_dir)
+    cap = cfg.limits.max_prompt_tokens
+    slm = SLM.options(**cfg.slm.serve_options("SLM")).bind(data["slm"], "slm", cfg.work_dir, cap)
+    llm = LLM.options(**cfg.llm.serve_options("LLM")).bind(data["llm"], "llm", cfg.work_dir, cap)
     return CascadeIngress.options(**cfg.ingress.serve_options("CascadeIngress")).bind(slm, llm, data)
 
 
@@ -74,6 +89,8 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"host": cfg.http.host, "port": cfg.http.port}
     if cfg.http.request_timeout_s is not None:
         options["request_timeout_s"] = cfg.http.request_timeout_s
+    if cfg.http.keep_alive_timeout_s is not None:
+        options["keep_alive_timeout_s"] = cfg.http.keep_alive_timeout_s
     return options
 
 
@@ -81,6 +98,7 @@ def deploy(cfg: ServeConfig) -> dict[str, str]:
     """Start Serve (HTTP options from the config) and run the application(s); returns name -> base URL."""
     from ray import serve
 
+    cfg = prepare(cfg)  # once: the key variable is gone from the environment afterwards
     serve.start(http_options=http_options(cfg))
     base = f"http://{cfg.http.host}:{cfg.http.port}"
     serve.run(build_cascade(cfg), name=cfg.name, route_prefix=cfg.http.route_prefix)

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from corea.collab.rules import defers
-from corea.collab.tiers import TierRejected, TierUnavailable
+from corea.collab.tiers import TierOverloaded, TierRejected, TierUnavailable
 from corea.cost import OUTPUT_TOKEN_WEIGHT
 from corea.protocol import parse_response
 
 MODES = ("cascade", "slm", "llm")
-__all__ = ["Cascade", "CascadeResult", "CascadeStream", "TierAnswer", "TierClient", "TierRejected", "TierUnavailable"]
+__all__ = ["Cascade", "CascadeResult", "CascadeStream", "TierAnswer", "TierClient", "TierOverloaded", "TierRejected",
+           "TierUnavailable"]
 
 
 class TierClient(Protocol):

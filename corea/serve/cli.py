@@ -33,7 +33,11 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
 
 
 def _connect(cfg) -> None:
+    """Connect to ``ray.address`` (or ``RAY_ADDRESS``), else start a local cluster whose Serve proxies run
+    ``corea.serve.proxy_guard`` (a cluster started elsewhere needs ``proxy_env`` in its own environment)."""
     import ray
+
+    from corea.serve.app import proxy_env
 
     if ray.is_initialized():
         return
@@ -41,7 +45,9 @@ def _connect(cfg) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=cfg.ray.include_dashboard)
+        os.environ.update(proxy_env(cfg))
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=cfg.ray.include_dashboard)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -51,7 +57,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from corea.serve.app import deploy
     from corea.serve.config import load_serve_config
 
-    cfg = load_serve_config(args.config, _overrides(args.set))
+    from corea.serve.app import prepare
+
+    cfg = prepare(load_serve_config(args.config, _overrides(args.set)))  # API keys hashed before Ray starts
     if not args.blocking and not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--detach needs a running Ray cluster (ray.address in the config or RAY_ADDRESS); "
                          "a local cluster started here would stop when this command exits")

@@ -182,6 +182,10 @@ class LimitsConfig(StrictModel):
     """Request limits and timeouts."""
 
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger bodies get 413
+    max_json_depth: int = Field(32, ge=4, le=512)  # deeper JSON nesting gets 400 before it is parsed
+    max_prompt_tokens: int = Field(8192, ge=1)  # longer prompts (instruction included) get 400 from the tier
+    body_timeout_s: float = Field(10.0, gt=0)  # the whole body must arrive within this (408 otherwise)
+    body_min_rate_bps: float = Field(1024.0, gt=0)  # after a 1 s grace, at least this many bytes per second
     max_messages: int = Field(256, ge=1)
     max_tokens: int = Field(4096, ge=1)  # a request asking for more gets 400
     default_max_tokens: int = Field(1024, ge=1)
@@ -216,6 +220,8 @@ class HttpConfig(StrictModel):
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = Field("/", pattern=r"^/")
     request_timeout_s: float | None = Field(None, gt=0)  # Serve proxy's end-to-end limit
+    keep_alive_timeout_s: int | None = Field(None, ge=1)  # Serve proxy's idle keep-alive (uvicorn's)
+    cors_allow_origins: list[str] = Field(default_factory=list)  # empty: no CORS headers (browsers refuse)
 
 
 class RayConfig(StrictModel):

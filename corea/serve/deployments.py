@@ -17,8 +17,9 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from corea.engines.base import EngineInputError
 from corea.serve.batching import MicroBatcher
-from corea.serve.cascade import Cascade, TierRejected, TierUnavailable
+from corea.serve.cascade import Cascade, TierOverloaded, TierRejected, TierUnavailable
 from corea.serve.config import ServeConfig, TierConfig
 from corea.serve.ingress import IngressSettings, create_app
 from corea.serve.metrics import CascadeMetrics
@@ -42,12 +43,13 @@ def _params_key(params: dict[str, Any]) -> tuple:
 class TierServer:
     """One model tier: an engine plus ``generate`` / ``stream`` / ``info`` for the ingress."""
 
-    def __init__(self, tier: dict[str, Any], role: str, work_dir: str) -> None:
+    def __init__(self, tier: dict[str, Any], role: str, work_dir: str, max_prompt_tokens: int | None = None) -> None:
         from corea.engines import load_engine
         from corea.serve.tiny import resolve_tier_model
 
         self.cfg = TierConfig.model_validate(tier)
         self.role = role
+        self.max_prompt_tokens = max_prompt_tokens
         if self.cfg.torch_threads:
             import torch
 
@@ -66,11 +68,14 @@ class TierServer:
         return {"role": self.role, "model": self.model_path, "backend": self.cfg.backend}
 
     def _check(self, messages: list[dict[str, str]], params: dict[str, Any]):
-        """SamplingParams and prompt token count; ValueError when the model cannot take the request."""
+        """SamplingParams and prompt token count; ValueError (``EngineInputError`` for the prompt) when the model
+        cannot take the request: untokenizable, over ``max_prompt_tokens``, or over the context."""
         sampling = _sampling(params)
         n_in = len(self.engine.encode(messages))
+        if self.max_prompt_tokens and n_in > self.max_prompt_tokens:
+            raise EngineInputError(f"the prompt has {n_in} tokens; at most {self.max_prompt_tokens} are allowed")
         if self.max_model_len and n_in + sampling.max_tokens > self.max_model_len:
-            raise ValueError(f"the prompt ({n_in} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
+            raise EngineInputError(f"the prompt ({n_in} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the "
                              f"model's context of {self.max_model_len} tokens")
         return sampling, n_in
 
@@ -90,8 +95,7 @@ class TierServer:
             return {"error": str(exc)}
         if self._batcher is not None:
             return await self._batcher.submit((messages, params))
-        loop = asyncio.get_running_loop()
-        return (await loop.run_in_executor(self._pool, self._run, [messages], sampling))[0]
+        return await self.generate_one(messages, sampling)
 
     async def _generate_batch(self, items: list[tuple[list, dict]]) -> list[dict[str, Any]]:
         """Requests sharing sampling settings go through the engine together; a failing group is retried one
@@ -105,7 +109,7 @@ class TierServer:
             sampling = _sampling(items[indices[0]][1])
             try:
                 outs = await loop.run_in_executor(self._pool, self._run, [items[i][0] for i in indices], sampling)
-            except ValueError as exc:
+            except EngineInputError as exc:
                 if len(indices) == 1:
                     outs = [{"error": str(exc)}]
                 else:
@@ -117,7 +121,7 @@ class TierServer:
     async def generate_one(self, messages, sampling) -> dict[str, Any]:
         try:
             return (await asyncio.get_running_loop().run_in_executor(self._pool, self._run, [messages], sampling))[0]
-        except ValueError as exc:
+        except EngineInputError as exc:
             return {"error": str(exc)}
 
     def _continue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -156,13 +160,36 @@ class TierServer:
         yield {"usage": {"prompt_tokens": n_in, "completion_tokens": n_out}, "finish_reason": finish}
 
 
+def tier_error(tier: str, exc: BaseException) -> Exception:
+    """What a failed handle call means for the client, without internals in the message: the replica's
+    ``EngineInputError`` (also inside a ``RayTaskError``) is a client error (``TierRejected``); a full queue
+    (Serve's ``BackPressureError``) is ``TierOverloaded``; a dead or unreachable replica is ``TierUnavailable``;
+    any other error raised in the replica is an internal error (returned as is: HTTP 500)."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, EngineInputError) or isinstance(exc, EngineInputError):
+        return TierRejected(str(cause if isinstance(cause, EngineInputError) else exc.args[0]))
+    if isinstance(exc, BackPressureError) or isinstance(cause, BackPressureError):
+        return TierOverloaded(tier, "its request queue is full")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)) or isinstance(cause, RayActorError):
+        log.warning("%s tier call failed: %s", tier, _reason(exc))
+        return TierUnavailable(tier, "no replica could answer")
+    if isinstance(exc, RayTaskError):
+        log.error("%s tier raised: %s", tier, exc)
+        return RuntimeError(f"the {tier} tier failed on this request")
+    log.warning("%s tier call failed: %s", tier, _reason(exc))
+    return TierUnavailable(tier, "no replica could answer")
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1][:300] if text else ''}".rstrip(": ")
 
 
 class HandleTier:
-    """A tier reached through a Serve deployment handle; transport failures become ``TierUnavailable``."""
+    """A tier reached through a Serve deployment handle; failures are mapped by ``tier_error``."""
 
     def __init__(self, handle, tier: str) -> None:
         self.handle, self.tier = handle, tier
@@ -175,7 +202,7 @@ class HandleTier:
             response.cancel()
             raise
         except Exception as exc:
-            raise TierUnavailable(self.tier, _reason(exc)) from None
+            raise tier_error(self.tier, exc) from None
         if "error" in out:
             raise TierRejected(out["error"])
         return out
@@ -205,7 +232,7 @@ class HandleTier:
         except (TierRejected, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise TierUnavailable(self.tier, _reason(exc)) from None
+            raise tier_error(self.tier, exc) from None
         finally:
             if not finished:
                 generator.cancel()
@@ -215,7 +242,7 @@ class HandleTier:
             await asyncio.wait_for(self.handle.info.remote(), PROBE_TIMEOUT_S)
             return "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means unavailable
-            return f"unavailable ({_reason(exc) or 'timeout'})"
+            return f"unavailable ({type(exc).__name__})"
 
 
 class LocalTier:
@@ -270,7 +297,7 @@ class _DirectSLM(TierServer):
 
     def __init__(self, tier: dict[str, Any], config: dict[str, Any]) -> None:
         cfg = ServeConfig.model_validate(config)
-        super().__init__(tier, "slm", cfg.work_dir)
+        super().__init__(tier, "slm", cfg.work_dir, cfg.limits.max_prompt_tokens)
         self.cascade = _cascade(cfg, LocalTier(self), None)
         self.settings = IngressSettings.from_config(cfg, cfg.auth.api_key_sha256, direct=True)
         self.metrics = CascadeMetrics(cfg.metrics.ray_export)

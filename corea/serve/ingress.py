@@ -3,11 +3,15 @@
 Routes: ``POST /v1/chat/completions`` (plain or ``stream: true`` server-sent events ending with
 ``data: [DONE]``), ``GET /v1/models``, ``GET /healthz`` (``?tiers=true`` also probes the tiers) and
 ``GET /metrics`` (Prometheus text). Every error is an OpenAI-style JSON body; client mistakes are 4xx
-(401 bad key, 400 invalid request, 404 unknown model or route, 413 body too large), an unavailable tier is 503.
+(401 bad key, 400 invalid request, 404 unknown model or route, 408 body too slow, 413 body too large, 415 a
+body that is not ``application/json``), an unavailable or overloaded tier is 503 with ``Retry-After``; every
+error response is counted in ``/metrics`` by outcome. CORS is off unless ``http.cors_allow_origins`` lists
+origins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -17,10 +21,11 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from corea.serve.cascade import Cascade, CascadeStream, TierRejected, TierUnavailable
+from corea.serve.cascade import Cascade, CascadeStream, TierOverloaded, TierRejected, TierUnavailable
 from corea.serve.config import LimitsConfig, ServeConfig
 from corea.serve.metrics import CascadeMetrics
 from corea.serve.openai_schema import (
@@ -53,6 +58,7 @@ class IngressSettings:
     threshold: float
     limits: LimitsConfig
     key_digests: frozenset[str] = frozenset()
+    cors_allow_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, key_digests=(), direct: bool = False) -> "IngressSettings":
@@ -63,15 +69,38 @@ class IngressSettings:
             models = {c.model_id: "cascade", **cfg.strategies.model_ids}  # step strategies: corea.serve.strategies
             if c.expose_tiers:
                 models.update({c.slm_model_id: "slm", c.llm_model_id: "llm"})
-        return cls(models, c.threshold, cfg.limits, frozenset(key_digests))
+        return cls(models, c.threshold, cfg.limits, frozenset(key_digests), tuple(cfg.http.cors_allow_origins))
 
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) without reading past it."""
+def _unavailable(exc: TierUnavailable) -> ApiError:
+    """503 with ``Retry-After``: ``tier_overloaded`` when the tier shed the request, else ``tier_unavailable``."""
+    code = "tier_overloaded" if isinstance(exc, TierOverloaded) else "tier_unavailable"
+    return ApiError(503, str(exc), "service_unavailable", code=code,
+                    headers={"retry-after": str(max(1, round(exc.retry_after_s)))})
+
+
+def body_deadline(start: float, received: int, timeout_s: float, min_rate_bps: float, grace_s: float = 1.0) -> float:
+    """When the next body bytes must have arrived: ``start + min(timeout_s, grace_s + received / min_rate_bps)``
+    (seconds on the same clock as ``start``): the whole body within ``timeout_s``, and after the grace period
+    an average rate of at least ``min_rate_bps``."""
+    return start + min(timeout_s, grace_s + received / min_rate_bps)
+
+
+def check_json_content_type(request: Request) -> None:
+    """Only ``application/json`` bodies (415 otherwise): no form or text/plain POST without a CORS preflight."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the request body must be application/json, not {kind[:60] or 'untyped'}",
+                       code="unsupported_media_type")
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = 10.0, min_rate_bps: float = 1024.0) -> bytes:
+    """The request body, refusing more than ``limit`` bytes (413) without reading past it, and a body that
+    arrives slower than ``body_deadline`` allows (408)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -79,7 +108,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    stream = request.stream().__aiter__()
+    while True:
+        wait = body_deadline(start, size, timeout_s, min_rate_bps) - loop.time()
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body arrived too slowly ({size} bytes in "
+                                f"{loop.time() - start:.1f} s)", code="request_timeout") from None
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
@@ -93,6 +133,9 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
     answers requests whose model id or ``corea.strategy`` selects steer, stepwise_policy or cope."""
     app = FastAPI(title="COREA cascade", docs_url=None, redoc_url=None, openapi_url=None)
     limits = settings.limits
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -101,18 +144,21 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
+        metrics.failure(None, "client_error" if exc.status_code < 500 else "error")
         return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        metrics.failure(None, "client_error")
         return JSONResponse(error_body(f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param),
                             status_code=400)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):
         log.exception("unhandled error in the COREA ingress")
+        metrics.failure(None, "error")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
     def authorize(request: Request) -> None:
@@ -156,7 +202,9 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
         start, model = time.perf_counter(), None
         try:
             authorize(request)
-            req = parse_chat_request(await read_body(request, limits.max_body_bytes), limits.max_messages)
+            check_json_content_type(request)
+            body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s, limits.body_min_rate_bps)
+            req = parse_chat_request(body, limits.max_messages, limits.max_json_depth)
             if req.model not in settings.models:
                 raise ApiError(404, f"the model {req.model[:100]!r} does not exist; available: "
                                     f"{', '.join(settings.models)}", param="model", code="model_not_found")
@@ -178,9 +226,8 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
             metrics.failure(model, "client_error")
             raise ApiError(400, str(exc), param="messages") from None
         except TierUnavailable as exc:
-            metrics.failure(model, "unavailable")
-            raise ApiError(503, str(exc), "service_unavailable", code="tier_unavailable",
-                           headers={"retry-after": "5"}) from None
+            metrics.failure(model, "overloaded" if isinstance(exc, TierOverloaded) else "unavailable")
+            raise _unavailable(exc) from None
         metrics.record(result, time.perf_counter() - start, stream=False)
         answer = result.answer
         body = completion_body(new_id(), model, answer.text, answer.finish_reason, usage_body(*result.usage()),

@@ -5,7 +5,7 @@ is the whole application; with several, scrape each replica or turn on ``metrics
 series are also recorded through Ray's metrics API and aggregated by Ray's Prometheus endpoint.
 
 Series (prometheus_client appends ``_total`` to counters):
-    corea_requests{model, tier, outcome}      outcome: ok | degraded | client_error | unavailable | error
+    corea_requests{model, tier, outcome}      outcome: ok | degraded | client_error | unavailable | overloaded | error
     corea_cascade_decisions{deferred}          cascade-mode requests by routing decision
     corea_deferral_rate                        deferred / decided cascade requests since start
     corea_tokens{tier, kind}                   kind: prompt | completion

@@ -1,18 +1,23 @@
 """The OpenAI chat-completions wire format: request validation, response and chunk bodies, error bodies.
 
-Unknown OpenAI fields are accepted and ignored; fields COREA cannot honour (``n`` > 1, non-text content) are
-rejected with 400. COREA's own request options travel in a ``corea`` object (``extra_body`` in the OpenAI
-client): ``{"corea": {"threshold": 0.7}}``.
+Unknown fields are accepted and ignored; ``null`` means the default, as in the OpenAI API; fields COREA
+cannot honour (``n`` > 1, non-text content, ``logprobs``, ``tools``/``tool_choice``, a ``response_format``
+other than text, ...; see ``UNSUPPORTED``) are rejected with 400 naming the field. Before parsing, a body
+nested deeper than ``max_depth`` is refused (400), and after it, text that is not valid Unicode (a lone
+surrogate such as ``"\\ud800"``) is refused (400). COREA's own request options travel in a ``corea`` object
+(``extra_body`` in the OpenAI client): ``{"corea": {"threshold": 0.7}}``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from itertools import accumulate
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corea.cost import MAX_THRESHOLD
 from corea.protocol import INSTRUCTION
@@ -63,8 +68,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _is_text_format(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+# Fields COREA cannot honour -> the values that mean "not asked for" (anything else is a 400 naming the field).
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0,
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "response_format": _is_text_format,
+    "logit_bias": lambda v: v == {},
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"],
+    "prediction": lambda v: False,
+}
+
+
 class ChatRequest(BaseModel):
-    """The fields of a chat completion request that COREA reads."""
+    """The fields of a chat completion request that COREA reads (a top-level ``null`` is the default)."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str = Field(..., min_length=1)
@@ -80,6 +107,11 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     corea: CoreaOptions = Field(default_factory=CoreaOptions)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
@@ -92,14 +124,44 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def parse_chat_request(raw: bytes, max_messages: int) -> ChatRequest:
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, brackets inside strings not counted; linear
+    in the size, without parsing (so that no parser recursion is ever reached)."""
+    if raw.count(b"[") + raw.count(b"{") <= 1:
+        return int(b"[" in raw or b"{" in raw)
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _unsupported(data: dict[str, Any]) -> None:
+    for name, accepted in UNSUPPORTED.items():
+        value = data.get(name)
+        if value is not None and not accepted(value):
+            raise ApiError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def parse_chat_request(raw: bytes, max_messages: int, max_depth: int = 32) -> ChatRequest:
     """A validated request from a raw body; ``ApiError(400)`` names the offending field."""
+    if json_depth(raw) > max_depth:
+        raise ApiError(400, f"the request body nests JSON deeper than {max_depth} levels")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 JSON"
+        raise ApiError(400, f"the request body is not valid JSON: {reason}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds text that is not valid Unicode (a lone surrogate escape "
+                            "such as \\ud800)") from None
+    _unsupported(data)
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as exc:
