@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corea.demo.pipeline import MAX_PASS_DROP, check
+from corea.demo.pipeline import MAX_PASS_DROP, STAGES, check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,8 @@ def test_demo_quick_has_every_system_in_every_group(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=1500, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for n in range(1, 6):
-        assert f"[{n}/5]" in run.stdout
+    for n in range(1, STAGES + 1):
+        assert f"[{n}/{STAGES}]" in run.stdout
     report = out / "eval" / "report"
     summary = json.loads((report / "summary.json").read_text())
     groups = ("in_domain", "ood_math", "ood_nonmath")

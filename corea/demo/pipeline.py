@@ -1,16 +1,16 @@
 """``corea demo``: the paper's Table 1 in miniature, end to end on a local Ray cluster with tiny checkpoints.
 
-1. warm start: a tiny SLM is fine-tuned (Ray Train + DeepSpeed) on the sums task and its two out-of-domain
-   variants (differences; lettered choices), overconfident;
-2. an LLM stand-in (the larger tiny size) is fine-tuned on the evaluation questions: it knows what the SLM
-   does not, as a larger model would (no tiny model can be made truly stronger in minutes);
-3. three SLMs are trained with GRPO on Ray actors from the same warm start, on sums only: COREA (L1
+1. side by side (Ray Train + DeepSpeed): a tiny SLM is warm-started on the sums task and its two out-of-domain
+   variants (differences; lettered choices), overconfident; an LLM stand-in (the larger tiny size) is
+   fine-tuned on the evaluation questions: it knows what the SLM does not, as a larger model would (no tiny
+   model can be made truly stronger in minutes);
+2. three SLMs are trained with GRPO on Ray actors from the same warm start, on sums only: COREA (L1
    confidence reward), RLVR (no confidence reward) and Brier;
-4. evaluation with Ray Data of the paper's seven systems (SLM-Verb, RLVR-SLM-Verb, RLVR-SLM-AvgProb,
+3. evaluation with Ray Data of the paper's seven systems (SLM-Verb, RLVR-SLM-Verb, RLVR-SLM-AvgProb,
    RLVR-SLM-Probe, Router + RLVR-SLM, Brier-SLM-Verb, COREA) and LLM-only on three dataset groups (in-domain
    sums, OOD math differences, OOD non-math choices), with the probe and the router trained on the RLVR SLM's
    samples of the RL questions; the report with Tables 1 and 2, plots and what the figures show;
-5. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
+4. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
 
 ``DemoSize`` sets how much work each stage does: ``FULL`` (the default, about 15 minutes on 2 cores) and
 ``QUICK`` (``--quick``, a few minutes: every stage and every system on small subsets, for the test suite).
@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ EVAL_SETS = {DATASET: "in_domain", "demo-differences": "ood_math", "demo-sum-cho
 RL_RUNS = {"corea": ("l1", "COREA (L1)"), "rlvr": ("none", "RLVR"), "brier": ("brier", "Brier")}
 #: The largest pass@1 drop against the LLM that the demo's cascade may show.
 MAX_PASS_DROP = 0.05
-STAGES = 5
+STAGES = 4
 
 
 @dataclass(frozen=True)
@@ -157,16 +158,27 @@ def sample_request(url: str) -> dict:
     return response.json()
 
 
-def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float) -> dict[str, str]:
-    """COREA (L1), RLVR and Brier from the same warm start, one after another; role -> HF checkpoint."""
+def _steps_done(folder: Path) -> int:
+    from corea.train.loop import METRICS_FILE
+
+    path = folder / METRICS_FILE
+    return sum(1 for _ in path.open()) if path.exists() else 0
+
+
+def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float, every_s: float = 30.0) -> dict[str, str]:
+    """COREA (L1), RLVR and Brier from the same warm start, side by side on the cluster (each run's phases
+    are sequential, so three runs keep both cores busy); a line of steps done every ``every_s`` seconds.
+    Returns role -> HF checkpoint folder."""
     from corea.train.loop import train
 
-    paths = {}
-    for i, (role, (reward, label)) in enumerate(RL_RUNS.items(), 1):
-        print(f"  3.{i} {label}: confidence reward {reward!r}, {steps} steps  "
-              f"(t = {time.perf_counter() - start:.0f} s)", flush=True)
-        paths[role] = str(train(train_config(warm, out, steps, seed, role)) / "hf")
-    return paths
+    labels = {role: label for role, (_, label) in RL_RUNS.items()}
+    with ThreadPoolExecutor(len(RL_RUNS), thread_name_prefix="demo-rl") as pool:
+        futures = {role: pool.submit(train, train_config(warm, out, steps, seed, role), progress=False)
+                   for role in RL_RUNS}
+        while wait(list(futures.values()), timeout=every_s).not_done:
+            done = ", ".join(f"{labels[r]} {_steps_done(out / r)}/{steps}" for r in RL_RUNS)
+            print(f"  steps: {done}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
+        return {role: str(f.result() / "hf") for role, f in futures.items()}
 
 
 def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | None = None, seed: int = 0,
@@ -179,23 +191,24 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
     out.mkdir(parents=True, exist_ok=True)
     warm_records, eval_records = register_demo_datasets(seed)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # 3 RL runs x 1.5
 
-    _step(1, "warm start: SFT of a tiny SLM on sums, differences and choices (Ray Train + DeepSpeed)", start)
+    _step(1, "SFT side by side (Ray Train + DeepSpeed): the warm-start SLM on sums, differences and choices; "
+             "the LLM stand-in on the evaluation questions", start)
     base_slm = make_tiny_checkpoint(out / "models" / "base-slm", "slm", seed=seed, overwrite=True)
-    warm = sft(str(base_slm), sft_examples(warm_records, seed, size.sft_repeats), out / "models" / "slm-warm",
-               SFTConfig(batch_size=32, lr=3e-3, seed=seed))
-
-    _step(2, "LLM stand-in: SFT of the larger tiny model on the evaluation questions", start)
     base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
-    llm = sft(str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats), out / "models" / "llm",
-              SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+    with ThreadPoolExecutor(2, thread_name_prefix="demo-sft") as pool:
+        warm_run = pool.submit(sft, str(base_slm), sft_examples(warm_records, seed, size.sft_repeats),
+                               out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+        llm_run = pool.submit(sft, str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats),
+                              out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+        warm, llm = warm_run.result(), llm_run.result()
 
-    _step(3, f"GRPO on Ray actors from the same warm start, on sums only: {', '.join(l for _, l in RL_RUNS.values())}",
+    _step(2, f"GRPO on Ray actors from the same warm start, on sums only: {', '.join(l for _, l in RL_RUNS.values())}",
           start)
     slms = train_rl_runs(str(warm), out, steps, seed, start)
 
-    _step(4, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; report", start)
+    _step(3, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; report", start)
     from corea.evaluate.paper_tables import table_one
     from corea.evaluate.run import evaluate
 
@@ -207,7 +220,7 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
     print(("OK: " if ok else "NOT MET: ") + verdict)
     print(f"report: {report / 'report.md'}  (plots: {report}/*.png, numbers: {report / 'summary.json'})")
 
-    _step(5, "serving the cascade with Ray Serve (OpenAI-compatible)", start)
+    _step(4, "serving the cascade with Ray Serve (OpenAI-compatible)", start)
     if not serve:
         print("skipped (--no-serve)")
         print(f"total {time.perf_counter() - start:.0f} s", flush=True)
