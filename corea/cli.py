@@ -20,9 +20,9 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import time
 
-    from corea.demo.pipeline import run_demo
+    from corea.demo.pipeline import FULL, QUICK, run_demo
 
-    run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port)
+    run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port, size=QUICK if args.quick else FULL)
     if not args.no_serve:
         try:
             while True:
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the miniature COREA pipeline end to end on a local Ray cluster")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the cascade")
-    p.add_argument("--steps", type=int, default=100, help="RLCC steps")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps of each RL run (default 100; 2 with --quick)")
+    p.add_argument("--quick", action="store_true", help="every stage on small subsets (a few minutes): a smoke test")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the served cascade")
     p.set_defaults(func=_demo)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corea.demo.pipeline import MAX_PASS_DROP, check
+from corea.demo.pipeline import MAX_PASS_DROP, STAGES, check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,17 +23,70 @@ def test_check_reads_summary():
     assert not check(summary)[0]
 
 
+def test_ood_splits_are_disjoint_and_graded_by_their_kind():
+    from corea.demo.task import build_ood_splits, build_splits
+
+    ood, sums = build_ood_splits(0), build_splits(0)
+    assert build_ood_splits(0) == ood  # fixed by the seed
+    for evaluation, kind in ((ood.math, "math"), (ood.choice, "choice")):
+        assert {r.kind for r in evaluation} == {kind}
+        assert {r.meta["taught"] for r in evaluation} == {True, False}  # both sides of the skill boundary
+        questions = {r.question for r in evaluation}
+        assert not questions & {r.question for r in ood.sft if not r.meta["taught"]}  # untaught eval items unseen
+        assert not questions & {r.question for r in sums.rl}  # never seen in RL
+    for r in ood.choice:
+        a, b = (int(x) for x in r.question.removeprefix("Which of these is ").rstrip("?").split(" + "))
+        assert r.choices[r.letters.index(r.gold)] == str(a + b) and len(set(r.choices)) == 4
+    assert all(int(r.gold) >= 0 for r in ood.math)
+
+
+def _summary(pass_corea=0.8, cost_corea=0.6):
+    entry = lambda p, c, llm: {"pass_at_1": p, "avg_cost": 100 * c, "relative_cost": c, "llm_pct": llm,  # noqa: E731
+                               "ece": 0.1, "auroc": 0.8}
+    return {"groups": {"in_domain": ["demo-sums"]},
+            "llm": {"in_domain": {"pass_at_1": 0.82, "avg_cost": 100.0, "relative_cost": 1.0, "llm_pct": 100.0}},
+            "systems": {"COREA": {"in_domain": entry(pass_corea, cost_corea, 40.0)},
+                        "SLM-Verb": {"in_domain": entry(0.7, 0.9, 80.0) | {"ece": 0.4}}},
+            "datasets": {"COREA": {"demo-sums": entry(pass_corea, cost_corea, 40.0)}}}
+
+
+def test_paper_tables_and_findings_follow_the_figures():
+    from corea.evaluate.paper_tables import findings, table_one, table_two
+
+    s = _summary()
+    one = table_one(s).splitlines()
+    assert one[0].startswith("| System | In-domain Pass@1 (%) | In-domain Cost | In-domain vs LLM | In-domain LLM% |")
+    assert one[2] == "| LLM only | 82.0 | 100.0 | +0.0% | 100.0 |"
+    assert one[3] == "| SLM-Verb | 70.0 | 90.0 | -10.0% | 80.0 |"  # the paper's order, not the summary's
+    assert one[4] == "| COREA | 80.0 | 60.0 | -40.0% | 40.0 |"
+    assert "| SLM-Verb | – | – | – | – |" in table_two(s)  # no per-dataset entry
+    text = findings(s)
+    assert "80.0% pass@1, 2.0 points below LLM-only" in text and "a saving of 40%" in text
+    assert "matches or beats SLM-Verb" in text and "lower ECE than the best other system (SLM-Verb" in text
+    worse = findings(_summary(pass_corea=0.6, cost_corea=1.2))
+    assert "22.0 points below" in worse and "dearer by 20%" in worse and "matches or beats" not in worse
+
+
 @pytest.mark.slow
-def test_demo_no_serve(tmp_path):
+def test_demo_quick_has_every_system_in_every_group(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
-        [str(Path(sys.executable).parent / "corea"), "demo", "--no-serve", "--out", str(out)],
+        [str(Path(sys.executable).parent / "corea"), "demo", "--quick", "--no-serve", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1500, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for n in range(1, STAGES + 1):
+        assert f"[{n}/{STAGES}]" in run.stdout
     report = out / "eval" / "report"
-    assert (report / "report.md").exists() and list(report.glob("*.png"))
     summary = json.loads((report / "summary.json").read_text())
-    ok, verdict = check(summary)
-    assert ok, verdict
-    assert "OK: " in run.stdout
+    groups = ("in_domain", "ood_math", "ood_nonmath")
+    assert set(summary["groups"]) == set(groups) and summary["absent_systems"] == []
+    for name in ("SLM-Verb", "RLVR-SLM-Verb", "RLVR-SLM-AvgProb", "RLVR-SLM-Probe", "Router + RLVR-SLM",
+                 "Brier-SLM-Verb", "COREA"):
+        for g in groups:
+            entry = summary["systems"][name][g]
+            assert 0 <= entry["pass_at_1"] <= 1 and entry["relative_cost"] > 0 and 0 <= entry["llm_pct"] <= 100
+    assert all(summary["llm"][g]["pass_at_1"] is not None for g in groups)
+    text = (report / "report.md").read_text()
+    assert "## Table 1" in text and "## Table 2" in text and "## What this shows" in text
+    assert "COREA reaches" in text and list(report.glob("*.png"))

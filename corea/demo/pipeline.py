@@ -1,67 +1,127 @@
-"""``corea demo``: the miniature COREA pipeline end to end on a local Ray cluster with tiny checkpoints.
+"""``corea demo``: the paper's Table 1 in miniature, end to end on a local Ray cluster with tiny checkpoints.
 
-1. warm start: a tiny SLM is fine-tuned (Ray Train + DeepSpeed) on the sums task, overconfident;
-2. an LLM stand-in (the larger tiny size) is fine-tuned on the evaluation questions: it knows what the SLM
-   does not, as a larger model would (no tiny model can be made truly stronger in minutes);
-3. RLCC (L1) trains the SLM on Ray actors;
-4. evaluation of SLM-Verb (the warm start), COREA and the LLM with Ray Data, the cascade at every threshold,
-   the report with tables and plots;
-5. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
+1. side by side (Ray Train + DeepSpeed): a tiny SLM is warm-started on the sums task and its two out-of-domain
+   variants (differences; lettered choices), overconfident; an LLM stand-in (the larger tiny size) is
+   fine-tuned on the evaluation questions: it knows what the SLM does not, as a larger model would (no tiny
+   model can be made truly stronger in minutes);
+2. three SLMs are trained with GRPO on Ray actors from the same warm start, on sums only: COREA (L1
+   confidence reward), RLVR (no confidence reward) and Brier;
+3. evaluation with Ray Data of the paper's seven systems (SLM-Verb, RLVR-SLM-Verb, RLVR-SLM-AvgProb,
+   RLVR-SLM-Probe, Router + RLVR-SLM, Brier-SLM-Verb, COREA) and LLM-only on three dataset groups (in-domain
+   sums, OOD math differences, OOD non-math choices), with the probe and the router trained on the RLVR SLM's
+   samples of the RL questions; the report with Tables 1 and 2, plots and what the figures show;
+4. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
+
+``DemoSize`` sets how much work each stage does: ``FULL`` (the default, about 15 minutes on 2 cores) and
+``QUICK`` (``--quick``, a few minutes: every stage and every system on small subsets, for the test suite).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from corea.data import register_dataset
-from corea.demo.task import build_splits, sft_examples
+from corea.data import Record, register_dataset
+from corea.demo.task import build_ood_splits, build_splits, sft_examples
 from corea.models import make_tiny_checkpoint
 from corea.train.sft import SFTConfig, sft
 
 log = logging.getLogger(__name__)
 DATASET = "demo-sums"
+#: The evaluation datasets: registered name -> (records attribute, dataset group).
+EVAL_SETS = {DATASET: "in_domain", "demo-differences": "ood_math", "demo-sum-choice": "ood_nonmath"}
+#: The RL runs from the same warm start: evaluation role -> (confidence reward, label).
+RL_RUNS = {"corea": ("l1", "COREA (L1)"), "rlvr": ("none", "RLVR"), "brier": ("brier", "Brier")}
 #: The largest pass@1 drop against the LLM that the demo's cascade may show.
 MAX_PASS_DROP = 0.05
+STAGES = 4
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How much work each stage does."""
+
+    sft_repeats: int = 120  # passes over the warm-start examples
+    llm_repeats: int = 120  # passes of the LLM stand-in over the evaluation questions
+    rl_steps: int = 100  # GRPO steps of each RL run
+    runs: int = 2  # evaluation samples per question
+    eval_limit: int | None = None  # questions per evaluation dataset (None: all)
+    train_questions: int | None = None  # RL questions the RLVR SLM samples for the probe and the router
+    router_epochs: int = 30
+    n_boot: int = 200
+
+
+FULL = DemoSize()
+QUICK = DemoSize(sft_repeats=8, llm_repeats=8, rl_steps=2, runs=1, eval_limit=10, train_questions=12,
+                 router_epochs=1, n_boot=20)
 
 
 def _step(n: int, text: str, start: float) -> None:
-    print(f"\n[{n}/5] {text}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"\n[{n}/{STAGES}] {text}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def train_config(policy: str, out: Path, steps: int, seed: int):
+def train_config(policy: str, out: Path, steps: int, seed: int, role: str = "corea"):
     from corea.train.config import TrainConfig
 
     return TrainConfig.model_validate({
-        "name": "demo-rlcc", "seed": seed,
+        "name": f"demo-{role}", "seed": seed,
         "model": {"policy": policy},
         "data": {"dataset": f"{DATASET}-rl", "split": None},
-        "reward": {"confidence_reward": "l1"},
+        "reward": {"confidence_reward": RL_RUNS[role][0]},
         "rollout": {"n": 8, "prompts_per_step": 16, "temperature": 1.0, "max_tokens": 16},
         "optim": {"steps": steps, "train_batch_prompts": 16, "micro_batch_size": 32, "lr": 3e-4,
                   "kl_coef": 0.001, "zero_stage": 1},
         "resources": {"rollout_cpus": 0.5, "reward_cpus": 0.25, "trainer_cpus": 0.5, "reference_cpus": 0.25},
-        "output": {"dir": str(out / "rlcc"), "checkpoint_every": steps, "keep_checkpoints": 1},
+        "output": {"dir": str(out / role), "checkpoint_every": steps, "keep_checkpoints": 1},
     })
 
 
-def eval_config(paths: dict[str, str], out: Path, seed: int):
+def eval_config(paths: dict[str, str], out: Path, seed: int, size: DemoSize = FULL):
+    """The seven systems and LLM-only on the three groups; probe and router from the RLVR SLM's samples."""
     from corea.evaluate.config import EvalConfig
 
+    baselines = {}
+    if "rlvr" in paths:
+        baselines = {
+            "train_questions": {"dataset": f"{DATASET}-rl", "split": None, "limit": size.train_questions,
+                                "samples": 8, "temperature": 0.6},
+            "probe": {"epochs": 10, "batch_size": 64, "feature_batch_size": 32, "max_length": 128},
+            "router": {"sft": {"epochs": size.router_epochs, "batch_size": 32, "lr": 3e-3, "seed": seed},
+                       "max_tokens": 8},
+        }
     return EvalConfig.model_validate({
         "name": "demo", "seed": seed, "output_dir": str(out / "eval"),
         "models": {role: {"path": path} for role, path in paths.items()},
-        "datasets": [{"name": DATASET}],
-        "generation": {"runs": 2, "temperature": 0.6, "max_tokens": 16},
+        "datasets": [{"name": name, "limit": size.eval_limit} for name in EVAL_SETS],
+        "generation": {"runs": size.runs, "temperature": 0.6, "max_tokens": 16},
         "engine": {"backend": "transformers", "options": {"device": "cpu", "max_batch_size": 32},
                    "concurrency": 1, "batch_size": 32, "num_cpus": 1, "grade_concurrency": 1, "grade_cpus": 0.5},
         "selection": {"calibration_fraction": 0.5, "max_drops": [MAX_PASS_DROP], "cost_budgets": [0.8]},
-        "metrics": {"n_boot": 200},
+        "metrics": {"n_boot": size.n_boot},
+        "baselines": baselines,
     })
+
+
+def register_demo_datasets(seed: int) -> tuple[list[Record], list[Record]]:
+    """Register the RL set and the three evaluation sets (each shuffled with ``seed``, so that a ``limit``
+    keeps both sides of the skill boundary); returns (warm-start records, evaluation records)."""
+    sums, ood = build_splits(seed), build_ood_splits(seed)
+    register_dataset(f"{DATASET}-rl", loader=lambda _p: sums.rl, path=".", overwrite=True)
+    evaluation = []
+    for name, records in zip(EVAL_SETS, (sums.eval, ood.math, ood.choice)):
+        records = list(records)
+        random.Random(f"{seed}-{name}").shuffle(records)
+        register_dataset(name, loader=lambda _p, rs=records: rs, path=".", group=EVAL_SETS[name],
+                         kind=records[0].kind, overwrite=True)
+        evaluation += records
+    return sums.sft + ood.sft, evaluation
 
 
 def check(summary: dict, max_drop: float = MAX_PASS_DROP) -> tuple[bool, str]:
@@ -98,48 +158,76 @@ def sample_request(url: str) -> dict:
     return response.json()
 
 
-def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int = 100, seed: int = 0, port: int = 8000) -> Path:
-    """Run the pipeline; returns the report folder. With ``serve``, the endpoint stays up afterwards."""
-    start = time.perf_counter()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    splits = build_splits(seed)
-    register_dataset(f"{DATASET}-rl", loader=lambda _p: splits.rl, path=out, overwrite=True)
-    register_dataset(DATASET, loader=lambda _p: splits.eval, path=out, group="in_domain", overwrite=True)
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def _steps_done(folder: Path) -> int:
+    from corea.train.loop import METRICS_FILE
 
-    _step(1, "warm start: SFT of a tiny SLM on the sums task (Ray Train + DeepSpeed)", start)
-    base_slm = make_tiny_checkpoint(out / "models" / "base-slm", "slm", seed=seed, overwrite=True)
-    warm = sft(str(base_slm), sft_examples(splits.sft, seed, 120), out / "models" / "slm-warm",
-               SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+    path = folder / METRICS_FILE
+    return sum(1 for _ in path.open()) if path.exists() else 0
 
-    _step(2, "LLM stand-in: SFT of the larger tiny model on the evaluation questions", start)
-    base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
-    llm = sft(str(base_llm), sft_examples(splits.eval, seed + 1, 120), out / "models" / "llm",
-              SFTConfig(batch_size=32, lr=3e-3, seed=seed))
 
-    _step(3, f"RLCC (L1) training of the SLM for {steps} GRPO steps on Ray actors", start)
+def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float, every_s: float = 30.0) -> dict[str, str]:
+    """COREA (L1), RLVR and Brier from the same warm start, side by side on the cluster (each run's phases
+    are sequential, so three runs keep both cores busy); a line of steps done every ``every_s`` seconds.
+    Returns role -> HF checkpoint folder."""
     from corea.train.loop import train
 
-    rlcc = train(train_config(str(warm), out, steps, seed)) / "hf"
+    labels = {role: label for role, (_, label) in RL_RUNS.items()}
+    with ThreadPoolExecutor(len(RL_RUNS), thread_name_prefix="demo-rl") as pool:
+        futures = {role: pool.submit(train, train_config(warm, out, steps, seed, role), progress=False)
+                   for role in RL_RUNS}
+        while wait(list(futures.values()), timeout=every_s).not_done:
+            done = ", ".join(f"{labels[r]} {_steps_done(out / r)}/{steps}" for r in RL_RUNS)
+            print(f"  steps: {done}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
+        return {role: str(f.result() / "hf") for role, f in futures.items()}
 
-    _step(4, "evaluation with Ray Data: SLM-Verb, COREA, LLM; cascade sweep; report and plots", start)
+
+def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | None = None, seed: int = 0,
+             port: int = 8000, size: DemoSize = FULL) -> Path:
+    """Run the pipeline; returns the report folder. With ``serve``, the endpoint stays up afterwards.
+    ``steps`` overrides ``size.rl_steps``."""
+    start = time.perf_counter()
+    steps = steps or size.rl_steps
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    warm_records, eval_records = register_demo_datasets(seed)
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # 3 RL runs x 1.5
+
+    _step(1, "SFT side by side (Ray Train + DeepSpeed): the warm-start SLM on sums, differences and choices; "
+             "the LLM stand-in on the evaluation questions", start)
+    base_slm = make_tiny_checkpoint(out / "models" / "base-slm", "slm", seed=seed, overwrite=True)
+    base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
+    with ThreadPoolExecutor(2, thread_name_prefix="demo-sft") as pool:
+        warm_run = pool.submit(sft, str(base_slm), sft_examples(warm_records, seed, size.sft_repeats),
+                               out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+        llm_run = pool.submit(sft, str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats),
+                              out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+        warm, llm = warm_run.result(), llm_run.result()
+
+    _step(2, f"GRPO on Ray actors from the same warm start, on sums only: {', '.join(l for _, l in RL_RUNS.values())}",
+          start)
+    slms = train_rl_runs(str(warm), out, steps, seed, start)
+
+    _step(3, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; report", start)
+    from corea.evaluate.paper_tables import table_one
     from corea.evaluate.run import evaluate
 
-    report = evaluate(eval_config({"slm_verb": str(warm), "corea": str(rlcc), "llm": str(llm)}, out, seed))
+    cfg = eval_config({"slm_verb": str(warm), **slms, "llm": str(llm)}, out, seed, size)
+    report = evaluate(cfg)
     summary = json.loads((report / "summary.json").read_text())
+    print(table_one(summary))
     ok, verdict = check(summary)
     print(("OK: " if ok else "NOT MET: ") + verdict)
     print(f"report: {report / 'report.md'}  (plots: {report}/*.png, numbers: {report / 'summary.json'})")
 
-    _step(5, "serving the cascade with Ray Serve (OpenAI-compatible)", start)
+    _step(4, "serving the cascade with Ray Serve (OpenAI-compatible)", start)
     if not serve:
         print("skipped (--no-serve)")
+        print(f"total {time.perf_counter() - start:.0f} s", flush=True)
         ray.shutdown()
         return report
     threshold = summary["systems"]["COREA"]["in_domain"].get("threshold", 0.5)
-    url = serve_cascade(str(rlcc), str(llm), out, port, threshold)
+    url = serve_cascade(slms["corea"], str(llm), out, port, threshold)
     reply = sample_request(url)
     meta = reply.get("corea", {})
     print(f"sample request 'What is 3 + 4?' -> {reply['choices'][0]['message']['content']!r}; {json.dumps(meta)}")

@@ -4,6 +4,10 @@
 operands (10..99). A tiny model warm-started on the taught sums (and a few untaught ones it cannot generalize
 from) answers taught sums and fails untaught ones, while stating a high confidence everywhere: the
 overconfident start of the paper. The disjoint splits are fixed by a seed.
+
+Out of domain (never seen in RL, taught in the warm start with the same skill boundary):
+- OOD math: "What is a - b?" (a >= b), taught for single-digit operands, untaught for two-digit ones;
+- OOD non-math: "Which of these is a + b?" with four lettered options, graded by the chosen letter.
 """
 
 from __future__ import annotations
@@ -21,6 +25,23 @@ CONFIDENCE_WEIGHTS = [0.25 / 9] * 9 + [0.15, 0.6]
 def sum_record(a: int, b: int, tag: str) -> Record:
     return Record(id=f"{tag}-{a}-{b}", question=f"What is {a} + {b}?", gold=str(a + b), kind="math",
                   dataset="sums", meta={"taught": a < 10 and b < 10})
+
+
+def difference_record(a: int, b: int, tag: str) -> Record:
+    return Record(id=f"{tag}-{a}-{b}", question=f"What is {a} - {b}?", gold=str(a - b), kind="math",
+                  dataset="differences", meta={"taught": a < 10 and b < 10})
+
+
+def choice_record(a: int, b: int, tag: str) -> Record:
+    """"Which of these is a + b?" with the sum and three near misses (+-1, +-10) in a seeded order."""
+    rng = random.Random(f"{tag}-{a}-{b}")
+    total = a + b
+    misses = [x for x in (total + 1, total - 1, total + 10, total - 10, total + 2) if x >= 0 and x != total]
+    options = [total] + rng.sample(misses, 3)
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(total)]
+    return Record(id=f"{tag}-{a}-{b}", question=f"Which of these is {a} + {b}?", gold=letter, kind="choice",
+                  choices=tuple(str(o) for o in options), dataset="sum-choice", meta={"taught": a < 10 and b < 10})
 
 
 @dataclass
@@ -46,6 +67,32 @@ def build_splits(seed: int = 0, rl_hard: int = 60) -> SumsSplits:
     rng.shuffle(rl)
     evaluation = [sum_record(a, b, "eval") for a, b in easy_eval + eval_hard]
     return SumsSplits(sft=sft, rl=rl, eval=evaluation)
+
+
+@dataclass
+class OODSplits:
+    sft: list[Record]  # added to the warm start: every taught item of both tasks + a few untaught ones
+    math: list[Record]  # OOD math evaluation: held-out taught and unseen untaught differences
+    choice: list[Record]  # OOD non-math evaluation: held-out taught and unseen untaught choice questions
+
+
+def build_ood_splits(seed: int = 0, n_eval_taught: int = 30, n_eval_untaught: int = 40,
+                     n_sft_untaught: int = 40) -> OODSplits:
+    """Disjoint out-of-domain splits: the warm start sees every taught item and ``n_sft_untaught`` untaught
+    ones of each task; evaluation takes ``n_eval_taught`` taught items and ``n_eval_untaught`` unseen ones."""
+    rng = random.Random(seed + 7919)
+    out: dict[str, tuple[list[Record], list[Record]]] = {}
+    for task, make, pairs in (
+        ("diff", difference_record, [(a, b) for a in range(10) for b in range(a + 1)]),
+        ("choice", choice_record, [(a, b) for a in range(10) for b in range(10)]),
+    ):
+        hard = [(a, b) for a in range(10, 100) for b in range(10, 100) if task != "diff" or a >= b]
+        rng.shuffle(hard)
+        sft_hard, eval_hard = hard[:n_sft_untaught], hard[n_sft_untaught : n_sft_untaught + n_eval_untaught]
+        sft = [make(a, b, f"sft-{task}") for a, b in pairs + sft_hard]
+        evaluation = [make(a, b, f"eval-{task}") for a, b in rng.sample(pairs, n_eval_taught) + eval_hard]
+        out[task] = (sft, evaluation)
+    return OODSplits(sft=out["diff"][0] + out["choice"][0], math=out["diff"][1], choice=out["choice"][1])
 
 
 def answer_text(record: Record, confidence: float) -> str:

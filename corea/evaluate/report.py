@@ -29,6 +29,7 @@ from corea.evaluate.cascade import (
     select_thresholds,
 )
 from corea.evaluate.config import MetricsConfig, SelectionConfig
+from corea.evaluate.paper_tables import findings, table_one, table_two
 from corea.evaluate.records import load_records
 from corea.evaluate.tables import GROUP_LABELS, MetricRow, metric_rows, ordered_groups, source_frames
 
@@ -259,6 +260,7 @@ def markdown(data: ReportData, plots: list[str]) -> str:
     groups = data.scopes
     counts = data.records.groupby(["model", "dataset"]).size().unstack(fill_value=0)[data.datasets]
     runs = int(data.records["run"].nunique())
+    brief = summary(data)
     rule = ("the LLM's pass@1 on each dataset" if data.threshold_rule == "llm_pass_at_1"
             else f"tau = {data.threshold_rule}")
     parts = [
@@ -275,15 +277,23 @@ def markdown(data: ReportData, plots: list[str]) -> str:
         _table(["Model"] + [_label(d) for d in counts.columns],
                [[m] + [str(int(v)) for v in counts.loc[m]] for m in counts.index]),
         "",
-        "## Table 1: pass@1 (%), relative cost (% of LLM-only) and LLM% per dataset group",
+        "## Table 1: pass@1 (%), average cost per query, its change vs LLM-only and LLM% per dataset group",
         "",
-        cascade_table(data, groups),
+        table_one(brief),
         "",
-        "## Table 2: default-threshold results with 95% intervals",
+        "## What this shows",
+        "",
+        findings(brief),
+        "",
+        "## Table 2: the same per dataset",
+        "",
+        table_two(brief),
+        "",
+        "## Table 3: default-threshold results with 95% intervals",
         "",
         interval_table(data, groups),
         "",
-        "## Table 3: confidence quality",
+        "## Table 4: confidence quality",
         "",
         metrics_table(data, groups),
         "",
