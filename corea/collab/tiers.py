@@ -17,11 +17,19 @@ from corea.collab.steps import STEP_END
 
 
 class TierUnavailable(Exception):
-    """The tier is down, overloaded or too slow."""
+    """The tier is down, overloaded or too slow; clients may retry after ``retry_after_s``."""
+
+    retry_after_s = 5.0
 
     def __init__(self, tier: str, reason: str):
         super().__init__(f"the {tier.upper()} tier is unavailable: {reason}")
         self.tier = tier
+
+
+class TierOverloaded(TierUnavailable):
+    """The tier's queue is full: the request was shed at once rather than left to time out."""
+
+    retry_after_s = 1.0
 
 
 class TierRejected(Exception):
