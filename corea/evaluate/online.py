@@ -56,7 +56,8 @@ async def single(tiers, tier: str, messages, params) -> Trace:
 
 
 def grade_traces(traces: Sequence[Trace], records: Sequence[Record]) -> np.ndarray:
-    verdicts = grading.grade_groups([([t.answer], r.gold, r.kind) for t, r in zip(traces, records)])
+    """Correctness of each trace's whole text, as ``corea.grading`` decides it (math-verify on the response)."""
+    verdicts = grading.grade_groups([([t.text or ""], r.gold, r.kind) for t, r in zip(traces, records)])
     return np.array([v[0] for v in verdicts], dtype=float)
 
 
