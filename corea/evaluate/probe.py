@@ -162,7 +162,7 @@ def feature_dataset(frame: pd.DataFrame, messages: pd.Series, model_path: str, c
     rows = frame.assign(messages=messages.to_numpy(), val=val_mask)[["messages", "response", "correct", "val"]]
     return ray.data.from_pandas(rows).map_batches(
         HiddenFeatures, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length},
-        concurrency=1, batch_size=cfg.feature_batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.feature_batch_size, batch_format="pandas",
         num_gpus=cfg.num_gpus or None, num_cpus=1)
 
 
@@ -203,7 +203,7 @@ def score_records(frame: pd.DataFrame, messages: pd.Series, model_path: str, pro
     ds = ray.data.from_pandas(rows).map_batches(
         HiddenFeatures, fn_constructor_kwargs={"model_path": model_path, "max_length": cfg.max_length,
                                                "probe_path": str(probe_path)},
-        concurrency=1, batch_size=cfg.feature_batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=cfg.feature_batch_size, batch_format="pandas",
         num_gpus=cfg.num_gpus or None, num_cpus=1)
     out = ds.to_pandas().sort_values("_row")
     return pd.Series(out["probe_confidence"].to_numpy(float), index=frame.index)

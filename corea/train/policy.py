@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -203,35 +202,6 @@ class Policy:
         """All ranks call this; rank 0 writes a Hugging Face folder (config + safetensors in the training dtype)
         from the consolidated state dict, atomically; other ranks write nothing. Returns the folder on rank 0."""
         return export_hf(self.engine, folder, self.rank)
-
-    # --- NCCL weight broadcast to vLLM rollout workers (GPU) -------------------------------------------------
-    def init_weight_group(self, master_address: str, master_port: int, world_size: int) -> None:
-        """Rank 0 of the weight-update group shared with the vLLM workers (vLLM's stateless NCCL group)."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
-        self._update_group = PyNcclCommunicator(group, device=self.device)
-
-    def weight_specs(self) -> list[tuple[str, str, list[int]]]:
-        """(name, torch dtype name, shape) of every tensor ``broadcast_weights`` sends, in order."""
-        return [(name, str(p.dtype).removeprefix("torch."), list(p.ds_shape if hasattr(p, "ds_shape") else p.shape))
-                for name, p in self._module().named_parameters()]
-
-    def broadcast_weights(self) -> int:
-        """Broadcast every parameter (gathered under ZeRO-3) from this rank to the group; returns the count."""
-        module, count = self._module(), 0
-        for _, param in module.named_parameters():
-            ctx = nullcontext()
-            if self.optim.zero_stage == 3:
-                import deepspeed
-
-                ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-            with ctx:
-                self._update_group.broadcast(param.data, src=0, stream=torch.cuda.current_stream())
-            count += 1
-        torch.cuda.synchronize()
-        return count
 
     def save(self, folder: str | Path, tag: str = "state") -> None:
         """DeepSpeed state under ``folder/deepspeed`` and Hugging Face weights under ``folder/hf`` (``export_hf``).
