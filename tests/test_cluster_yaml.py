@@ -70,3 +70,13 @@ def test_synced_repository_leaves_out_what_git_ignores(tmp_path):
     subprocess.run(["rsync", "-az", *args, f"{source}/", f"{target}/"], check=True, timeout=60)
     synced = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
     assert synced == {"corea/__init__.py", "README.md", ".gitignore"}
+
+
+def test_every_node_exports_the_serve_proxy_guard_before_ray_starts():
+    """Serve's proxies load COREA's middleware (body deadline, JSON errors) only from their environment."""
+    from corea.serve.proxy_guard import CALLBACK, middlewares
+
+    assert callable(middlewares)
+    exports = [c for c in CONFIG["initialization_commands"] if "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH" in c]
+    assert exports and f"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH={CALLBACK}'" in exports[0]
+    assert "~/.bashrc" in exports[0]
