@@ -194,8 +194,8 @@ class HandleTier:
     def __init__(self, handle, tier: str) -> None:
         self.handle, self.tier = handle, tier
 
-    async def generate(self, messages, params) -> dict[str, Any]:
-        response = self.handle.generate.remote(messages, params)
+    async def _call(self, method: str, *args) -> dict[str, Any]:
+        response = getattr(self.handle, method).remote(*args)
         try:
             out = await response
         except asyncio.CancelledError:
@@ -207,18 +207,11 @@ class HandleTier:
             raise TierRejected(out["error"])
         return out
 
+    async def generate(self, messages, params) -> dict[str, Any]:
+        return await self._call("generate", messages, params)
+
     async def continue_step(self, messages, prefix: str, params) -> dict[str, Any]:
-        response = self.handle.continue_step.remote(messages, prefix, params)
-        try:
-            out = await response
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
-        except Exception as exc:
-            raise TierUnavailable(self.tier, _reason(exc)) from None
-        if "error" in out:
-            raise TierRejected(out["error"])
-        return out
+        return await self._call("continue_step", messages, prefix, params)
 
     async def stream(self, messages, params) -> AsyncIterator[dict[str, Any]]:
         generator = self.handle.options(stream=True).stream.remote(messages, params)
