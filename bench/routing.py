@@ -18,7 +18,7 @@ Method
   prefix again), cost_rel_cached (input tokens already in that tier's prefix cache at 0.1x), flops_rel
   (2 x parameters x uncached tokens, with the tiny models' parameter counts).
 
-    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 110] [--llm-repeats 30] [--retrain]
+    python bench/routing.py [--out runs/routing] [--json PATH] [--repeats 110] [--llm-repeats 150] [--retrain]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/routing")
     parser.add_argument("--json", dest="json_path")
     parser.add_argument("--repeats", type=int, default=110, help="passes of the SLM over the questions in fine-tuning")
-    parser.add_argument("--llm-repeats", type=int, default=30, help="passes for the LLM (exact steps: learned sooner)")
+    parser.add_argument("--llm-repeats", type=int, default=150, help="passes for the LLM (exact steps: learned sooner)")
     parser.add_argument("--retrain", action="store_true", help="fine-tune again even if checkpoints exist")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep-step", type=float, default=0.1, help="threshold grid step on the calibration split")
