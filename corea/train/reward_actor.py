@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from corea import grading
 from corea.rewards import RewardWeights, batch_group_rewards
 
 
 class RewardActor:
     """Scores whole groups (responses, gold, kind, prompt) with ``corea.rewards``."""
 
-    def __init__(self, confidence_reward: str = "l1", weights: dict | None = None):
+    def __init__(self, confidence_reward: str = "l1", weights: dict | None = None, grading_timeout_s: float = 1.0):
         self.confidence_reward = confidence_reward
         self.weights = RewardWeights(**(weights or {}))
+        grading.configure(timeout_s=grading_timeout_s)  # this actor's grader: the training deadline
 
     def score(self, groups: Sequence[tuple[Sequence[str], str, str, str | None]]) -> list[list[dict]]:
         rewards = batch_group_rewards(
