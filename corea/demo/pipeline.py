@@ -48,8 +48,9 @@ STAGES = 4
 class DemoSize:
     """How much work each stage does."""
 
-    sft_repeats: int = 120  # passes over the warm-start examples
-    llm_repeats: int = 120  # passes of the LLM stand-in over the evaluation questions
+    sft_repeats: int = 120  # passes over the warm-start sums
+    ood_repeats: int = 40  # passes over the warm-start differences and choices
+    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions
     rl_steps: int = 100  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
@@ -59,7 +60,7 @@ class DemoSize:
 
 
 FULL = DemoSize()
-QUICK = DemoSize(sft_repeats=8, llm_repeats=8, rl_steps=2, runs=1, eval_limit=10, train_questions=12,
+QUICK = DemoSize(sft_repeats=8, ood_repeats=4, llm_repeats=8, rl_steps=2, runs=1, eval_limit=10, train_questions=12,
                  router_epochs=1, n_boot=20)
 
 
@@ -109,9 +110,10 @@ def eval_config(paths: dict[str, str], out: Path, seed: int, size: DemoSize = FU
     })
 
 
-def register_demo_datasets(seed: int) -> tuple[list[Record], list[Record]]:
+def register_demo_datasets(seed: int) -> tuple[list[Record], list[Record], list[Record]]:
     """Register the RL set and the three evaluation sets (each shuffled with ``seed``, so that a ``limit``
-    keeps both sides of the skill boundary); returns (warm-start records, evaluation records)."""
+    keeps both sides of the skill boundary); returns the warm-start sums, the warm-start OOD records and the
+    evaluation records."""
     sums, ood = build_splits(seed), build_ood_splits(seed)
     register_dataset(f"{DATASET}-rl", loader=lambda _p: sums.rl, path=".", overwrite=True)
     evaluation = []
@@ -121,7 +123,7 @@ def register_demo_datasets(seed: int) -> tuple[list[Record], list[Record]]:
         register_dataset(name, loader=lambda _p, rs=records: rs, path=".", group=EVAL_SETS[name],
                          kind=records[0].kind, overwrite=True)
         evaluation += records
-    return sums.sft + ood.sft, evaluation
+    return sums.sft, ood.sft, evaluation
 
 
 def check(summary: dict, max_drop: float = MAX_PASS_DROP) -> tuple[bool, str]:
@@ -189,7 +191,7 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
     steps = steps or size.rl_steps
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    warm_records, eval_records = register_demo_datasets(seed)
+    warm_sums, warm_ood, eval_records = register_demo_datasets(seed)
     if not ray.is_initialized():
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # 3 RL runs x 1.5
 
@@ -198,7 +200,9 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
     base_slm = make_tiny_checkpoint(out / "models" / "base-slm", "slm", seed=seed, overwrite=True)
     base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
     with ThreadPoolExecutor(2, thread_name_prefix="demo-sft") as pool:
-        warm_run = pool.submit(sft, str(base_slm), sft_examples(warm_records, seed, size.sft_repeats),
+        examples = sft_examples(warm_sums, seed, size.sft_repeats) + sft_examples(warm_ood, seed + 2, size.ood_repeats)
+        random.Random(seed).shuffle(examples)
+        warm_run = pool.submit(sft, str(base_slm), examples,
                                out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
         llm_run = pool.submit(sft, str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats),
                               out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
