@@ -12,7 +12,7 @@
    samples of the RL questions; the report with Tables 1 and 2, plots and what the figures show;
 4. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
 
-``DemoSize`` sets how much work each stage does: ``FULL`` (the default, about 15 minutes on 2 cores) and
+``DemoSize`` sets how much work each stage does: ``FULL`` (the default, about 25 minutes on 2 cores) and
 ``QUICK`` (``--quick``, a few minutes: every stage and every system on small subsets, for the test suite).
 """
 
@@ -50,7 +50,7 @@ class DemoSize:
 
     sft_repeats: int = 120  # passes over the warm-start sums
     ood_repeats: int = 40  # passes over the warm-start differences and choices
-    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions
+    llm_repeats: int = 120  # passes of the LLM stand-in over the evaluation questions (at 60 it stays at ~11%)
     rl_steps: int = 100  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
