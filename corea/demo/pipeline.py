@@ -12,7 +12,7 @@
    samples of the RL questions; the report with Tables 1 and 2, plots and what the figures show;
 4. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
 
-``DemoSize`` sets how much work each stage does: ``FULL`` (the default, about 25 minutes on 2 cores) and
+``DemoSize`` sets how much work each stage does: ``FULL`` (the default, 20 minutes on 2 cores) and
 ``QUICK`` (``--quick``, a few minutes: every stage and every system on small subsets, for the test suite).
 """
 
