@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -10,7 +9,7 @@ from corea.data import Record
 from corea.evaluate.config import EvalConfig
 from corea.evaluate.online import STRATEGY_RECORDS_FILE, evaluate_strategies, split_questions
 from corea.models import make_tiny_checkpoint
-from tests.test_evaluate_tables import _rows
+from support import record_rows as _rows
 
 
 @pytest.fixture(scope="module")

@@ -24,20 +24,11 @@ from corea.evaluate.cascade import (
 from corea.evaluate.config import ConfigError, MetricsConfig, SelectionConfig, load_eval_config
 from corea.evaluate.records import RecordsError, calibration_mask, join_system, load_records
 from corea.evaluate.report import build_report, compute_report
+from support import record_rows as _rows
 from corea.evaluate.tables import Clusters, auroc_fast, ece_fast, metric_rows, replicates
 
 N = None
 RATIO = 2.0
-
-
-def _rows(model, dataset, table, prompt=10, output=5, mtp=None):
-    """table: {(id, run): (confidence, correct)}."""
-    out = []
-    for (qid, run), (conf, y) in table.items():
-        out.append({"dataset": dataset, "id": qid, "run": run, "model": model, "answer": "x",
-                    "confidence": np.nan if conf is None else conf, "correct": bool(y), "prompt_tokens": prompt,
-                    "output_tokens": output, "mean_token_prob": (mtp or {}).get((qid, run), 0.5)})
-    return out
 
 
 def hand_records() -> pd.DataFrame:

@@ -8,16 +8,13 @@ which deploys the Serve YAML's application declaratively so that the LLM alone c
 
 import asyncio
 import json
-import socket
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from corea.serve.tiny import (
     CONFIDENT_ANSWER,
@@ -31,30 +28,10 @@ from corea.serve.tiny import (
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from support import ROOT, delta, free_port, metrics, wait_running  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 EASY, HARD = CONFIDENT_QUESTIONS[0], UNSURE_QUESTIONS[0]
 RATIO = 32 / 7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_running(name: str, timeout: float = 180.0) -> None:
-    """Poll ``serve.status()`` until the application is RUNNING."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        app = serve.status().applications.get(name)
-        status = getattr(app.status, "value", app.status) if app is not None else None
-        if status == "RUNNING":
-            return
-        if status == "DEPLOY_FAILED":
-            raise AssertionError(f"{name} failed to deploy: {app.message}")
-        time.sleep(0.5)
-    raise AssertionError(f"{name} not RUNNING after {timeout} s: {serve.status().applications.get(name)}")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +41,7 @@ def cluster(tmp_path_factory):
     if ray.is_initialized():  # a cluster left over by an earlier module
         ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield SimpleNamespace(work=work, port=_free_port())
+    yield SimpleNamespace(work=work, port=free_port())
     serve.shutdown()
     ray.shutdown()
 
@@ -96,19 +73,6 @@ def ask(client, question, tau=None, model="corea-cascade", **kw):
         model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24,
         extra_body=extra, **kw)
     return raw.parse(), raw.headers
-
-
-def metrics(url) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def delta(after, before, name, **labels):
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def test_low_threshold_keeps_answers_on_the_slm(client, app):

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,29 +22,12 @@ from corea.serve.tiny import CONFIDENT_QUESTIONS, UNSURE_QUESTIONS, confident_sl
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from support import ROOT, free_port, wait_running  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 EASY, HARD = CONFIDENT_QUESTIONS[0], UNSURE_QUESTIONS[0]
 KEY = "soak-key-3f9c1e7d2b5a"
 KEY_ENV = "COREA_SOAK_TEST_KEYS"
 BOUND_S = 30.0  # no request may take longer (client timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_running(name: str, timeout: float = 240.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        app = serve.status().applications.get(name)
-        status = getattr(app.status, "value", app.status) if app is not None else None
-        if status == "RUNNING":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{name} not RUNNING after {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +43,7 @@ def served(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.pop("RAY_ADDRESS", None)
     os.environ[KEY_ENV] = KEY
-    port = _free_port()
+    port = free_port()
     name = f"soak{port}"
     cfg = load_serve_config(ROOT / "configs/serve-tiny-cpu.yaml", {
         "name": name, "work_dir": str(work), "http.port": port, "auth.api_keys_env": KEY_ENV,
@@ -74,7 +56,7 @@ def served(tmp_path_factory):
         assert KEY_ENV not in os.environ
         _connect(cfg)  # a local cluster, the proxy middleware in its environment
         deploy(cfg)
-        _wait_running(name)
+        wait_running(name)
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, name=name, cfg=cfg)
     finally:
         serve.shutdown()

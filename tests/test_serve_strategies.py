@@ -6,9 +6,6 @@ greedy decoding); the LLM is a random tiny checkpoint. Thresholds 0 and 1.1 forc
 One application serves every test of this module.
 """
 
-import json
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -21,9 +18,10 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from tests.test_serve_app import ROOT, RATIO, _free_port, delta, metrics, wait_running  # noqa: E402
+from support import ROOT, delta, free_port, metrics, wait_running  # noqa: E402
 
 EASY = CONFIDENT_QUESTIONS[0]
+RATIO = 32 / 7  # the LLM/SLM size ratio of configs/serve-tiny-cpu.yaml
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,7 @@ def app(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     cfg = load_serve_config(ROOT / "configs/serve-tiny-cpu.yaml", {
         "work_dir": str(work), "http.port": port, "strategies.policy_path": str(work / "policy.json"),
         "slm.autoscaling.max_replicas": 1, "llm.autoscaling.max_replicas": 1, "limits.default_max_tokens": 24,

@@ -212,6 +212,37 @@ def test_sampling_params_and_outputs_n_samples():
     assert all(s.finish_reason == "stop" for s in gen.samples) and gen.prompt_token_ids == [1, 2, 3]
 
 
+def test_generate_and_continue_send_vllm_sampling_params(tiny_checkpoints):
+    """Both offline entry points hand ``vllm.LLM.generate`` token-id prompts and a real ``vllm.SamplingParams``,
+    and read its ``RequestOutput`` back; an over-long continuation is refused before it reaches vLLM."""
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    from corea.models.loading import load_tokenizer
+
+    calls = []
+
+    def generate(inputs, params, use_tqdm=True):
+        assert isinstance(params, vllm.SamplingParams) and not use_tqdm
+        calls.append((inputs, params))
+        return [RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=x["prompt_token_ids"],
+                              prompt_logprobs=None, finished=True,
+                              outputs=[CompletionOutput(index=0, text="ok", token_ids=[5], cumulative_logprob=-0.1,
+                                                        logprobs=None, finish_reason="length")])
+                for i, x in enumerate(inputs)]
+
+    eng = object.__new__(VLLMEngine)
+    eng.tokenizer, eng.lock, eng.async_engine = load_tokenizer(tiny_checkpoints["slm"]), threading.RLock(), False
+    eng.llm, eng.max_model_len = SimpleNamespace(generate=generate), 64
+    params = SamplingParams(max_tokens=4)
+    first = eng.generate(["What is 1 + 1?"], params)
+    cont = eng.continue_prompts([("What is 1 + 1?", "Step 1:")], params)
+    assert [g.samples[0].text for g in first + cont] == ["ok", "ok"]
+    assert len(calls[1][0][0]["prompt_token_ids"]) > len(calls[0][0][0]["prompt_token_ids"])
+    with pytest.raises(EngineInputError):
+        eng.continue_prompts([("What is 1 + 1?", "word " * 200)], params)
+    assert len(calls) == 2
+
+
 def test_validation_errors_become_engine_input_errors():
     """Defect 7: vLLM's client-side validation error (not a ValueError) is raised as a client error."""
     from vllm.exceptions import VLLMValidationError

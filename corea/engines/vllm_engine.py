@@ -238,13 +238,16 @@ class VLLMEngine:
 
         params = params or SamplingParams()
         encoded = [encode_continuation(self.tokenizer, p, prefix) for p, prefix in items]
+        for ids in encoded:
+            check_context(len(ids), self.max_model_len)
         if not encoded:
             return []
-        if self.async_engine:
-            return self._call(self._agenerate_all(encoded, params))
-        with self.lock:
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], _vllm_params(params),
-                                        use_tqdm=False)
+        with client_errors():
+            if self.async_engine:
+                return self._call(self._agenerate_all(encoded, params))
+            with self.lock:
+                outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
+                                            vllm_sampling_params(params), use_tqdm=False)
         return [to_generation(o, ids) for o, ids in zip(outputs, encoded)]
 
     async def _agenerate(self, ids: list[int], params: SamplingParams) -> Generation:
