@@ -39,6 +39,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_any
 from typing import Sequence
@@ -66,6 +67,7 @@ TIMEOUT_S = 5.0  #: default per-response deadline in a worker, seconds (math-ver
 KILL_GRACE_S = 2.0  #: extra time before a worker that misses its deadline is killed, seconds
 STARTUP_TIMEOUT_S = 120.0  #: time a new worker may take to import math-verify, seconds
 _CHUNK_MAX = 64  # responses sent to a worker at once (verdicts still come back one by one)
+_STREAM_GROUPS = 32  # groups screened in-process before their pool work starts (see grade_groups)
 _GOLD_CACHE = 4096  # prepared golds kept in-process
 _DECIDED_CACHE = 65536  # verdicts of (gold, first match) pairs kept in-process
 
@@ -126,7 +128,24 @@ class Grader:
         return self.grade(answer, gold, kind)
 
     def grade_groups(self, groups: Sequence[tuple[Sequence[str | bytes | None], str, str]]) -> list[list[bool]]:
-        """Verdicts for groups of (responses, gold, kind): fast path, pre-screen, then the pool for the rest."""
+        """Verdicts for groups of (responses, gold, kind): fast path, pre-screen, then the pool for the rest.
+
+        A large batch is screened in chunks of ``_STREAM_GROUPS`` groups, and a chunk's pool work starts while
+        the next chunk is screened, so this process's screening and the workers overlap."""
+        groups = list(groups)
+        if len(groups) <= _STREAM_GROUPS:
+            return self._resolve(*self._screen(groups))
+        verdicts: list[list[bool]] = []
+        with ThreadPoolExecutor(2, thread_name_prefix="corea-grading") as chunks:
+            futures = [chunks.submit(self._resolve, *self._screen(groups[i : i + _STREAM_GROUPS]))
+                       for i in range(0, len(groups), _STREAM_GROUPS)]
+            for future in futures:
+                verdicts += future.result()
+        return verdicts
+
+    def _screen(self, groups) -> tuple[list[list[bool]], dict, dict]:
+        """In-process verdicts (False where the pool decides), the pool's responses by (gold, response) with
+        their positions, and those responses by (gold, first match)."""
         verdicts: list[list[bool]] = []
         pending: dict[tuple[str, str], list[tuple[int, int]]] = {}  # distinct (gold, response) -> positions
         by_key: dict[tuple, list[str]] = {}  # (gold, first match) -> its responses
@@ -147,6 +166,11 @@ class Grader:
                     pending.setdefault(response_key, []).append((gi, ri))
                 row.append(bool(verdict))
             verdicts.append(row)
+        return verdicts, pending, by_key
+
+    def _resolve(self, verdicts: list[list[bool]], pending: dict, by_key: dict) -> list[list[bool]]:
+        """``verdicts`` with the pool's verdicts filled in: first one response per first match; when that match
+        decided, the rest of its responses take its verdict, otherwise they go to the pool too."""
         if pending:
             results = self._pool({k: rs[:1] for k, rs in by_key.items()})  # one response per first match
             rest = {}

@@ -90,3 +90,7 @@ def test_demo_quick_has_every_system_in_every_group(tmp_path):
     text = (report / "report.md").read_text()
     assert "## Table 1" in text and "## Table 2" in text and "## What this shows" in text
     assert "COREA reaches" in text and list(report.glob("*.png"))
+    strategies = {row["strategy"]: row for row in summary["strategies"]}  # online, on the COREA SLM and the LLM
+    assert set(strategies) == {"cascade", "steer", "stepwise_policy", "cope"}
+    assert all(0 <= r["pass_at_1"] <= 1 and r["cost_rel"] > 0 and r["questions"] > 0 for r in strategies.values())
+    assert "collaboration strategies" in text and (report / "strategies_pareto.png").exists()

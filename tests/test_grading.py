@@ -58,6 +58,21 @@ def test_grade_groups_matches_single_grading():
     assert batch == [[grade(r, gold) for r in responses] for responses, gold, _ in groups]
 
 
+def test_large_batches_are_screened_in_chunks_with_the_same_verdicts(monkeypatch):
+    """A batch over ``_STREAM_GROUPS`` groups is screened chunk by chunk while the pool works on earlier chunks:
+    same verdicts in the same order, choice groups and invalid kinds included."""
+    from corea import grading
+
+    groups = _groups(3, 28)
+    groups.insert(4, (["The answer is (B).", "A"], "(B) Bob", "choice"))
+    expected = [[grade(r, gold, kind) for r in responses] for responses, gold, kind in groups]
+    monkeypatch.setattr(grading, "_STREAM_GROUPS", 2)
+    with Grader(processes=2) as grader:
+        assert grader.grade_groups(groups) == expected
+        with pytest.raises(ValueError, match="unknown answer kind"):
+            grader.grade_groups(groups + [(["1"], "1", "unknown")])
+
+
 def test_whole_responses():
     response = r"Thus the point is $\boxed{\left( 3, \frac{\pi}{2} \right)}$. \confidence{0.9}"
     assert grade(response, r"(3, \frac{\pi}{2})")

@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +57,14 @@ class DemoSize:
     train_questions: int | None = None  # RL questions the RLVR SLM samples for the probe and the router
     router_epochs: int = 30
     n_boot: int = 200
+    strategy_sweep_step: float = 0.25  # threshold grid of the online strategies (STEER, stepwise policy, COPE)
+    policy_iterations: int = 3  # REINFORCE passes of the stepwise policy
 
 
 FULL = DemoSize()
 QUICK = DemoSize(sft_repeats=8, ood_repeats=4, llm_repeats=8, rl_steps=2, runs=1, eval_limit=10, train_questions=12,
-                 router_epochs=1, n_boot=20)
+                 router_epochs=1, n_boot=20,
+                 strategy_sweep_step=0.5, policy_iterations=1)
 
 
 def _step(n: int, text: str, start: float) -> None:
@@ -107,6 +110,11 @@ def eval_config(paths: dict[str, str], out: Path, seed: int, size: DemoSize = FU
         "selection": {"calibration_fraction": 0.5, "max_drops": [MAX_PASS_DROP], "cost_budgets": [0.8]},
         "metrics": {"n_boot": size.n_boot},
         "baselines": baselines,
+        # The collaboration strategies beside the cascade, online on the COREA SLM and the LLM (an answer here
+        # is one step, so a step-level strategy hands over at most the answer step or the plan).
+        "strategies": {"slm": "corea", "max_steps": 2, "max_step_tokens": 16, "sweep_step": size.strategy_sweep_step,
+                       "policy_iterations": size.policy_iterations, "max_drop": MAX_PASS_DROP}
+        if "corea" in paths else None,
     })
 
 
@@ -167,10 +175,11 @@ def _steps_done(folder: Path) -> int:
     return sum(1 for _ in path.open()) if path.exists() else 0
 
 
-def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float, every_s: float = 30.0) -> dict[str, str]:
+def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float, every_s: float = 30.0,
+                  llm: Future | None = None) -> dict[str, str]:
     """COREA (L1), RLVR and Brier from the same warm start, side by side on the cluster (each run's phases
-    are sequential, so three runs keep both cores busy); a line of steps done every ``every_s`` seconds.
-    Returns role -> HF checkpoint folder."""
+    are sequential, so three runs keep both cores busy); a line of steps done every ``every_s`` seconds (and
+    whether ``llm``, the LLM stand-in's SFT, is still running). Returns role -> HF checkpoint folder."""
     from corea.train.loop import train
 
     labels = {role: label for role, (_, label) in RL_RUNS.items()}
@@ -179,6 +188,8 @@ def train_rl_runs(warm: str, out: Path, steps: int, seed: int, start: float, eve
                    for role in RL_RUNS}
         while wait(list(futures.values()), timeout=every_s).not_done:
             done = ", ".join(f"{labels[r]} {_steps_done(out / r)}/{steps}" for r in RL_RUNS)
+            if llm is not None:
+                done += "; LLM stand-in SFT " + ("done" if llm.done() else "running")
             print(f"  steps: {done}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
         return {role: str(f.result() / "hf") for role, f in futures.items()}
 
@@ -196,21 +207,24 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
         ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # 3 RL runs x 1.5
 
     _step(1, "SFT side by side (Ray Train + DeepSpeed): the warm-start SLM on sums, differences and choices; "
-             "the LLM stand-in on the evaluation questions", start)
+             "the LLM stand-in on the evaluation questions (it goes on training through stage 2)", start)
     base_slm = make_tiny_checkpoint(out / "models" / "base-slm", "slm", seed=seed, overwrite=True)
     base_llm = make_tiny_checkpoint(out / "models" / "base-llm", "llm", seed=seed, overwrite=True)
-    with ThreadPoolExecutor(2, thread_name_prefix="demo-sft") as pool:
-        examples = sft_examples(warm_sums, seed, size.sft_repeats) + sft_examples(warm_ood, seed + 2, size.ood_repeats)
-        random.Random(seed).shuffle(examples)
-        warm_run = pool.submit(sft, str(base_slm), examples,
-                               out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+    with ThreadPoolExecutor(1, thread_name_prefix="demo-llm-sft") as pool:
+        # The LLM stand-in is needed only for evaluation, and its SFT is the longest: it runs beside the
+        # warm start and then beside the three RL runs, keeping both cores busy.
         llm_run = pool.submit(sft, str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats),
                               out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
-        warm, llm = warm_run.result(), llm_run.result()
+        examples = sft_examples(warm_sums, seed, size.sft_repeats) + sft_examples(warm_ood, seed + 2, size.ood_repeats)
+        random.Random(seed).shuffle(examples)
+        warm = sft(str(base_slm), examples, out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
 
-    _step(2, f"GRPO on Ray actors from the same warm start, on sums only: {', '.join(l for _, l in RL_RUNS.values())}",
-          start)
-    slms = train_rl_runs(str(warm), out, steps, seed, start)
+        _step(2, "GRPO on Ray actors from the same warm start, on sums only: "
+                 f"{', '.join(l for _, l in RL_RUNS.values())}", start)
+        slms = train_rl_runs(str(warm), out, steps, seed, start, llm=llm_run)
+        if not llm_run.done():
+            print(f"  waiting for the LLM stand-in's SFT  (t = {time.perf_counter() - start:.0f} s)", flush=True)
+        llm = llm_run.result()
 
     _step(3, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; report", start)
     from corea.evaluate.paper_tables import table_one
@@ -220,6 +234,11 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
     report = evaluate(cfg)
     summary = json.loads((report / "summary.json").read_text())
     print(table_one(summary))
+    if summary.get("strategies"):
+        from corea.evaluate.report import strategy_table
+
+        print("\nCollaboration strategies, online, on their held-out questions (all groups):\n"
+              + strategy_table(summary["strategies"]))
     ok, verdict = check(summary)
     print(("OK: " if ok else "NOT MET: ") + verdict)
     print(f"report: {report / 'report.md'}  (plots: {report}/*.png, numbers: {report / 'summary.json'})")
