@@ -102,18 +102,18 @@ def _plain_number(s: str):
     return -value if m.group(1) else value
 
 
-def fast_parse(text: str, found=False):
+def fast_parse(text: str, found=False, strings: list[tuple[str, bool]] | None = None):
     """``math_verify.parse(text)`` when predictable without the LaTeX parser, else None.
 
     Returns ``[]`` when nothing matches, ``[value, fallback string]`` for a plain-number first match.
-    ``found``: ``first_candidate(text)`` when already computed."""
+    ``found``: ``first_candidate(text)`` and ``strings``: its ``candidate_strings``, when already computed."""
     found = first_candidate(text) if found is False else found
     if found is None:
         return []
     match, target = found
     _, _, parser, _, _ = _mv()
     if isinstance(target, parser.LatexExtractionConfig):
-        strings = candidate_strings(match, target)
+        strings = candidate_strings(match, target) if strings is None else strings
         if len(strings) != 1 or strings[0][1]:
             return None
         value = _plain_number(strings[0][0])

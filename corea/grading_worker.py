@@ -99,6 +99,41 @@ def _install_numeric_probe(grader_module) -> None:
     grader_module.sympy_symbolic_eq = lambda a, b: False if differ(a, b) else simplify_eq(a, b)
 
 
+def _install_two_stage_parsing(latex2sympy_module) -> None:
+    """ANTLR's two-stage parsing for latex2sympy: each LaTeX string is parsed first in SLL prediction mode and,
+    on any error, again in the default LL mode.
+
+    ANTLR's ``PredictionMode.SLL`` contract: an SLL parse either returns the same tree as LL or reports a
+    syntax error (which latex2sympy's listener raises), so the verdicts are math-verify's; SLL skips the
+    full-context predictions that LL recomputes on every parse (about 20% of a worker's time). A latex2sympy
+    without these hooks is left as it is."""
+    converter = getattr(latex2sympy_module, "_Latex2Sympy", None)
+    if converter is None or not hasattr(converter, "create_parser") or not hasattr(converter, "parse"):
+        return
+    from antlr4.atn.PredictionMode import PredictionMode
+
+    create_parser, parse = converter.create_parser, converter.parse
+    state = {"sll": False}
+
+    def create_two_stage(self, latex_str):
+        parser = create_parser(self, latex_str)
+        if state["sll"]:
+            parser._interp.predictionMode = PredictionMode.SLL
+        return parser
+
+    def parse_two_stage(self, latex_str):
+        state["sll"] = True
+        try:
+            return parse(self, latex_str)
+        except Exception:
+            state["sll"] = False
+            return parse(self, latex_str)
+        finally:
+            state["sll"] = False
+
+    converter.create_parser, converter.parse = create_two_stage, parse_two_stage
+
+
 def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
     """Worker loop: receive (gold, responses, timeout_s); send ("gold",), then ("answer", verdict, note, decided)
     per response, note being "", "rejected" (pre-screen) or "deadline", decided: its first match parsed."""
@@ -131,6 +166,9 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         _install_numeric_probe(math_verify.grader)
     screen: dict = {"gold": None, "limits": None, "first": None}
     _install_guard(math_verify.parser, screen)
+    from latex2sympy2_extended import latex2sympy2
+
+    _install_two_stage_parsing(latex2sympy2)
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

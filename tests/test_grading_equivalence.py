@@ -143,3 +143,34 @@ def test_public_choice_cases_as_harnesses_read_them(grader):
         agree += grader.grade(case["response"], case["gold"], "choice") == case["expected"]
     scored = sum(not c.get("gold_rejected") for c in CHOICE_CASES)
     assert agree == scored, f"{agree}/{scored}"
+
+
+def test_two_stage_parsing_gives_the_ll_parse(monkeypatch):
+    """The workers parse LaTeX in ANTLR's SLL mode first, LL on an error: every public case's gold and answer
+    parses to what latex2sympy's default (LL) parse gives, or fails as it does, and SLL is really used."""
+    from antlr4.atn.PredictionMode import PredictionMode
+    from latex2sympy2_extended import latex2sympy2
+
+    from corea.grading_worker import _install_two_stage_parsing
+
+    def outcome(text):
+        try:
+            return str(latex2sympy2.latex2sympy(text))
+        except Exception as exc:  # a syntax error or an unsupported construct: the same either way
+            return type(exc).__name__
+
+    texts = sorted({t for case in MATH_CASES for t in (case["gold"], case["response"]) if len(t) < 300})
+    ll = [outcome(t) for t in texts]
+    converter, modes = latex2sympy2._Latex2Sympy, []
+    monkeypatch.setattr(converter, "parse", converter.parse)  # restored after the test
+    original = converter.create_parser
+
+    def recording(self, latex_str):
+        parser = original(self, latex_str)
+        modes.append(lambda: parser._interp.predictionMode)
+        return parser
+
+    monkeypatch.setattr(converter, "create_parser", recording)
+    _install_two_stage_parsing(latex2sympy2)
+    assert [outcome(t) for t in texts] == ll
+    assert PredictionMode.SLL in {mode() for mode in modes}

@@ -210,12 +210,15 @@ def test_long_prompts_are_refused_without_starving_easy_ones(served):
 
 
 def test_dead_ingress_in_flight_requests_get_503_json(served):
+    ingress = actor_pids(served.name)["CascadeIngress"]  # looked up first: the lookup takes a while
+
     async def main():
         async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
             inflight = [asyncio.create_task(http.post("/v1/chat/completions", json=body(
                 HARD, model="corea-llm", max_tokens=512))) for _ in range(6)]
-            await asyncio.sleep(0.5)  # the LLM is decoding them (512 tokens each take seconds)
-            os.kill(actor_pids(served.name)["CascadeIngress"], signal.SIGKILL)
+            await asyncio.sleep(0.3)  # the LLM is decoding them (512 tokens each take seconds)
+            assert not any(task.done() for task in inflight), "the requests finished before the kill"
+            os.kill(ingress, signal.SIGKILL)
             killed = time.perf_counter()
             results = await asyncio.gather(*inflight)
             recovered = None
