@@ -15,7 +15,7 @@ pipelined one the wait for a batch still generating shows mostly in ``sync_s``, 
 behind that generation on the rollout worker); overlap = (sync step - async step) / sync generation: the share
 of generation hidden behind training.
 
-    python bench/async_step.py [--steps 8] [--warmup 2] [--max-tokens 160] [--json out.json]
+    python bench/async_step.py [--steps 12] [--warmup 2] [--max-tokens 224] [--micro-batch 16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu-rlcc.yaml"))
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")

@@ -305,8 +305,12 @@ def test_training_rewards_use_the_configured_deadline():
     with pytest.raises(ValueError):
         RewardConfig(grading_timeout_s=0)
     try:
-        actor = RewardActor("l1", None, RewardConfig(grading_timeout_s=0.5).grading_timeout_s)
-        assert grading.get_grader().timeout_s == 0.5
+        actor = RewardActor("l1", None, RewardConfig(grading_timeout_s=0.5).grading_timeout_s, grading_processes=1)
+        assert grading.get_grader().timeout_s == 0.5 and grading.get_grader().processes == 1
+        deadline = time.monotonic() + 60
+        while not grading.get_grader().worker_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(grading.get_grader().worker_pids()) == 1  # started with the actor, before any response
         (rewards,) = actor.score([([r"\boxed{18} \confidence{1}", "19"], "18", "math", None)])
         assert [r["correctness"] for r in rewards] == [1.0, 0.0]
     finally:

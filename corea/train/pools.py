@@ -82,7 +82,8 @@ class ClusterActors:
         self.reward = [
             ray.remote(RewardActor)
             .options(name=f"{run_name}-reward-{i}", num_cpus=r.reward_cpus, max_restarts=-1)
-            .remote(cfg.reward.confidence_reward, cfg.reward.weights.model_dump(), cfg.reward.grading_timeout_s)
+            .remote(cfg.reward.confidence_reward, cfg.reward.weights.model_dump(), cfg.reward.grading_timeout_s,
+                    max(1, int(r.reward_cpus)))  # as many grading workers as the actor has CPUs
             for i in range(r.reward_actors)
         ]
         first_trainer = r.rollout_workers
