@@ -43,11 +43,19 @@ def _mv():
 _MV: list = []
 
 
+def _quiet_disabled_timeout(record) -> bool:
+    """math-verify warns on every call without a timeout; the fast path's values cannot hang (plain numbers)."""
+    return "Timeout is disabled" not in record.getMessage()
+
+
 def _load():
+    import logging
+
     import sympy
     from latex2sympy2_extended.latex2sympy2 import normalize_latex
     from math_verify import grader, parser
 
+    logging.getLogger("math_verify.grader").addFilter(_quiet_disabled_timeout)
     targets = [parser.LatexExtractionConfig(), parser.ExprExtractionConfig()]  # parse()'s defaults
     patterns = sorted(((p, t, prio) for pats, t in parser.get_extraction_regexes(targets) for p, prio in pats),
                       key=lambda x: x[2])

@@ -222,15 +222,22 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
         _step(2, "GRPO on Ray actors from the same warm start, on sums only: "
                  f"{', '.join(l for _, l in RL_RUNS.values())}", start)
         slms = train_rl_runs(str(warm), out, steps, seed, start, llm=llm_run)
+
+        _step(3, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; the collaboration "
+                 "strategies online; report", start)
+        from corea.evaluate.paper_tables import table_one
+        from corea.evaluate.run import evaluate, generate_records
+
+        cfg = eval_config({"slm_verb": str(warm), **slms, "llm": str(out / "models" / "llm")}, out, seed, size)
+        if not llm_run.done():  # the SLMs' side of the evaluation (and the baselines) while the LLM trains
+            print(f"  the probe, the router and the SLMs' answers while the LLM stand-in's SFT finishes  "
+                  f"(t = {time.perf_counter() - start:.0f} s)", flush=True)
+            generate_records(cfg, only=[role for role in cfg.models.configured() if role != "llm"])
         if not llm_run.done():
             print(f"  waiting for the LLM stand-in's SFT  (t = {time.perf_counter() - start:.0f} s)", flush=True)
         llm = llm_run.result()
+        print(f"  the LLM stand-in is trained: {llm}  (t = {time.perf_counter() - start:.0f} s)", flush=True)
 
-    _step(3, "evaluation with Ray Data: seven systems and LLM-only on three dataset groups; report", start)
-    from corea.evaluate.paper_tables import table_one
-    from corea.evaluate.run import evaluate
-
-    cfg = eval_config({"slm_verb": str(warm), **slms, "llm": str(llm)}, out, seed, size)
     report = evaluate(cfg)
     summary = json.loads((report / "summary.json").read_text())
     print(table_one(summary))

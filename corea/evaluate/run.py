@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -132,25 +133,32 @@ def resolve_paths(cfg: EvalConfig) -> dict[str, str]:
     return {role: resolve_model(spec.path, cfg.out_dir, spec.seed) for role, spec in cfg.models.configured().items()}
 
 
-def generate_records(cfg: EvalConfig) -> pd.DataFrame:
-    """Baselines, then every model on every evaluation question; returns (and saves) the records."""
+def generate_records(cfg: EvalConfig, only: Sequence[str] | None = None) -> pd.DataFrame | None:
+    """Baselines, then every model on every evaluation question; returns (and saves) the records.
+
+    ``only``: the baselines and just these roles, into the caches that a later full call reuses (e.g. while another
+    model is still training); nothing is saved, and None is returned."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if only is None:
+        (cfg.out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     paths = resolve_paths(cfg)
     router_path, probe_path, _ = train_baselines(cfg, paths)
     questions = eval_questions(cfg)
     folder = cfg.out_dir / "generations"
     frames = {}
     for role, spec in cfg.models.configured().items():
-        frames[role] = cached_generate(make_job(cfg, role, paths[role], spec), questions, folder, role, cfg.progress)
+        if only is None or role in only:
+            frames[role] = cached_generate(make_job(cfg, role, paths[role], spec), questions, folder, role, cfg.progress)
     if router_path is not None:
         job = make_job(cfg, "router", router_path, cfg.models.slm_verb, style="router",
                        max_tokens=cfg.baselines.router.max_tokens)
         frames["router"] = cached_generate(job, questions, folder, "router", cfg.progress)
+    if only is not None:
+        return None
     if probe_path is not None:
         from corea.evaluate.probe import score_records
 

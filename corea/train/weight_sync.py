@@ -219,7 +219,7 @@ def _wait_alive(worker: Any, timeout_s: float = RESTART_TIMEOUT_S) -> None:
 def _checked(versions: Sequence[int], version: int) -> int:
     if set(versions) != {version}:
         raise RuntimeError(f"rollout workers report weight versions {list(versions)}, expected {version}")
-    log.info("weights version %d on %d rollout workers", version, len(versions))
+    log.debug("weights version %d on %d rollout workers", version, len(versions))
     return version
 
 
