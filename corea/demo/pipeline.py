@@ -3,16 +3,19 @@
 1. side by side (Ray Train + DeepSpeed): a tiny SLM is warm-started on the sums task and its two out-of-domain
    variants (differences; lettered choices), overconfident; an LLM stand-in (the larger tiny size) is
    fine-tuned on the evaluation questions: it knows what the SLM does not, as a larger model would (no tiny
-   model can be made truly stronger in minutes);
+   model can be made truly stronger in minutes). The LLM stand-in's SFT, the longest job, goes on through
+   stages 2 and 3 until its checkpoint is needed, so that both cores stay busy;
 2. three SLMs are trained with GRPO on Ray actors from the same warm start, on sums only: COREA (L1
    confidence reward), RLVR (no confidence reward) and Brier;
 3. evaluation with Ray Data of the paper's seven systems (SLM-Verb, RLVR-SLM-Verb, RLVR-SLM-AvgProb,
    RLVR-SLM-Probe, Router + RLVR-SLM, Brier-SLM-Verb, COREA) and LLM-only on three dataset groups (in-domain
    sums, OOD math differences, OOD non-math choices), with the probe and the router trained on the RLVR SLM's
-   samples of the RL questions; the report with Tables 1 and 2, plots and what the figures show;
+   samples of the RL questions (the SLMs' side runs while the LLM stand-in finishes); the collaboration
+   strategies (COREA's cascade online, STEER, the stepwise policy, COPE) online on the COREA SLM and the LLM;
+   the report with Tables 1 and 2, plots and what the figures show;
 4. the cascade served over HTTP (Ray Serve, OpenAI-compatible), with a sample request.
 
-``DemoSize`` sets how much work each stage does: ``FULL`` (the default, 20 minutes on 2 cores) and
+``DemoSize`` sets how much work each stage does: ``FULL`` (the default, 14 minutes on 2 cores) and
 ``QUICK`` (``--quick``, a few minutes: every stage and every system on small subsets, for the test suite).
 """
 
@@ -51,7 +54,7 @@ class DemoSize:
     sft_repeats: int = 120  # passes over the warm-start sums
     ood_repeats: int = 40  # passes over the warm-start differences and choices
     llm_repeats: int = 120  # passes of the LLM stand-in over the evaluation questions (at 60 it stays at ~11%)
-    rl_steps: int = 100  # GRPO steps of each RL run
+    rl_steps: int = 80  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
     train_questions: int | None = None  # RL questions the RLVR SLM samples for the probe and the router
