@@ -78,6 +78,8 @@ class RolloutClient:
         return wait(calls, f"rollout workers 0..{len(self.workers) - 1}: {what}", self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        for w in self.workers:  # this process may still see a restarted worker as restarting: wait until it answers
+            wait_alive(w.version.remote, "rollout worker before joining the weight-transfer group")
         self._all("joining the weight-transfer group",
                   [w.init_weight_transfer.remote({**init_info, "rank_offset": off, "world_size": self.world_size})
                    for w, off in zip(self.workers, self.offsets)])
