@@ -58,3 +58,37 @@ def record_rows(model, dataset, table, prompt=10, output=5, mtp=None):
                     "confidence": np.nan if conf is None else conf, "correct": bool(y), "prompt_tokens": prompt,
                     "output_tokens": output, "mean_token_prob": (mtp or {}).get((qid, run), 0.5)})
     return out
+
+
+class BackgroundTraining:
+    """``corea.train.loop.train(cfg)`` in a daemon thread, so a test can kill actors while it runs; ``result``
+    holds ``last`` (the final checkpoint) or ``error``."""
+
+    def __init__(self, cfg, timeout_s: float = 600.0):
+        import threading
+
+        from corea.train.loop import train
+
+        self.metrics = Path(cfg.output.dir) / "metrics.jsonl"
+        self.deadline = time.time() + timeout_s
+        self.result: dict = {}
+
+        def run():
+            try:
+                self.result["last"] = train(cfg, progress=False)
+            except BaseException as exc:  # surfaced by the test
+                self.result["error"] = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait_rows(self, n: int, poll_s: float = 0.05) -> None:
+        """Block until ``metrics.jsonl`` has ``n`` step rows (fails if training stops or the deadline passes)."""
+        while not (self.metrics.exists() and len(self.metrics.read_text().splitlines()) >= n):
+            assert time.time() < self.deadline and self.thread.is_alive(), \
+                f"training never finished step {n}: {self.result}"
+            time.sleep(poll_s)
+
+    def join(self, timeout_s: float = 600.0) -> None:
+        self.thread.join(timeout=timeout_s)
+        assert not self.thread.is_alive()

@@ -3,13 +3,12 @@ in flight, and the zero-variance group filter, on a local Ray cluster with tiny 
 
 import json
 import shutil
-import threading
-import time
 
 import pytest
 import ray
 
 from corea.train.config import load_config
+from support import BackgroundTraining
 from corea.train.loop import train
 from corea.train.pipeline import INFLIGHT_FILE, refill_indices, to_sequences
 
@@ -80,28 +79,13 @@ def test_killed_actors_while_a_batch_is_in_flight(local_ray, tmp_path):
     out = tmp_path / "async-faults"
     cfg = _cfg(out, **{"optim.steps": 4, "rollout.max_staleness": 1, "advantage.filter_groups": "zero_std",
                        "advantage.refill": True, "advantage.max_refill_rounds": 1})
-    result: dict = {}
-
-    def run():
-        try:
-            result["last"] = train(cfg, progress=False)
-        except BaseException as exc:  # surfaced below
-            result["error"] = exc
-
-    runner = threading.Thread(target=run, daemon=True)
-    runner.start()
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert time.time() < deadline and runner.is_alive(), f"training never finished step 1: {result}"
-        time.sleep(0.05)
+    training = BackgroundTraining(cfg)
+    result = training.result
+    training.wait_rows(1)
     ray.kill(ray.get_actor(f"{cfg.name}-rollout-0"), no_restart=False)  # step 2's or 3's batch is in flight
-    while len(metrics.read_text().splitlines()) < 2:
-        assert time.time() < deadline and runner.is_alive(), f"training never finished step 2: {result}"
-        time.sleep(0.05)
+    training.wait_rows(2)
     ray.kill(ray.get_actor(f"{cfg.name}-reward-0"), no_restart=False)
-    runner.join(timeout=600)
-    assert not runner.is_alive()
+    training.join()
     assert "error" not in result, repr(result.get("error"))
     assert result["last"].name == "step_000004"
     rows = _rows(out)
