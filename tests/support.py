@@ -92,3 +92,25 @@ class BackgroundTraining:
     def join(self, timeout_s: float = 600.0) -> None:
         self.thread.join(timeout=timeout_s)
         assert not self.thread.is_alive()
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop this test's cluster only (`ray stop` would stop every Ray cluster on the machine): its processes
+    are the ones whose command line names its temp dir, plus their children."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                procs += [proc, *proc.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()

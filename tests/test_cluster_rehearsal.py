@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from support import stop_cluster
 from ray.autoscaler._private.command_runner import _with_interactive
 from ray.autoscaler._private.util import with_head_node_ip
 
@@ -47,27 +48,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop this test's Ray processes only: those whose command line names its temp dir, and their children."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
-                procs += [proc, *proc.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 def _fatal_log_lines(temp_dir: str) -> str:
@@ -132,7 +112,7 @@ def _start(home: Path, build, temp_dir: str, stop_own_first: bool) -> None:
             raise AssertionError(started.stderr[-1500:] + fatal)
         print(f"attempt {attempt + 1}: a dashboard agent missed the raylet's port wait; starting again")
         if stop_own_first:
-            _stop_cluster(temp_dir)
+            stop_cluster(temp_dir)
 
 
 def _start_commands(key: str) -> list[str]:
@@ -195,7 +175,7 @@ def test_head_and_worker_start_commands_join_with_token_auth(tmp_path):
         assert refused.returncode == 3 and refused.stdout.startswith("refused:"), refused.stderr[-2000:]
         assert "Authentication token is missing or incorrect" in refused.stdout + refused.stderr
     finally:
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -212,5 +192,5 @@ def test_ray_start_with_token_mode_refuses_to_start_without_a_token(tmp_path):
         assert "no authentication token was found" in started.stdout + started.stderr
         assert not (tmp_path / ".ray" / "auth_token").exists()
     finally:
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import stop_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,28 +25,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop this test's cluster only (`ray stop` would stop every Ray cluster on the machine): its processes
-    are the ones whose command line names its temp dir, plus their children."""
-    import psutil
-
-    procs = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
-                procs += [proc, *proc.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 @pytest.fixture
@@ -66,7 +45,7 @@ def head_node():
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
