@@ -163,6 +163,37 @@ def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
             assert len(sample.logprobs) == 1 and sample.logprobs[0] > -1e-3
 
 
+def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(tiny_checkpoints, engine):
+    """vLLM's ``min_tokens``: the EOS-only model of the test above must write 5 tokens, none of them EOS, then
+    EOS; a stop token id or stop string met before ``min_tokens`` does not end the sample."""
+    only_eos = HFEngine(tiny_checkpoints["slm"])
+    sd = only_eos.model.state_dict()
+    e = torch.randn(sd["model.embed_tokens.weight"].shape[1])
+    eos = only_eos.tokenizer.eos_token_id
+    update = {"model.embed_tokens.weight": e.expand_as(sd["model.embed_tokens.weight"]).clone()}
+    update.update({k: torch.zeros_like(v) for k, v in sd.items() if k.endswith(("o_proj.weight", "down_proj.weight"))})
+    head = torch.zeros_like(sd["lm_head.weight"])
+    head[eos] = e
+    only_eos.update_weights({**update, "lm_head.weight": head})
+    for params in (greedy(8, min_tokens=5), SamplingParams(n=2, max_tokens=8, min_tokens=5, seed=0)):
+        for sample in only_eos.generate(PROMPTS[:1], params)[0].samples:
+            assert len(sample.token_ids) == 6 and eos not in sample.token_ids[:5] and sample.token_ids[5] == eos
+            assert sample.finish_reason == "stop" and len(sample.logprobs) == 6
+            assert all(lp < -1.0 for lp in sample.logprobs[:5])  # the model's own (raw) log-probabilities
+
+    full = engine.generate(PROMPTS[:1], greedy(32))[0].samples[0]
+    stop_id = full.token_ids[2]
+    first = full.token_ids.index(stop_id)
+    late = engine.generate(PROMPTS[:1], greedy(32, stop_token_ids=(stop_id,), min_tokens=first + 1))[0].samples[0]
+    assert late.token_ids[:first] == full.token_ids[:first] and stop_id not in late.token_ids[: first + 1]
+    assert len(late.token_ids) > first + 1
+    stop = engine.tokenizer.decode(full.token_ids[2:4])
+    n = len(full.token_ids) - (full.finish_reason == "stop")  # EOS is masked too: compare the tokens before it
+    if stop.strip() and "\ufffd" not in stop:
+        kept = engine.generate(PROMPTS[:1], greedy(32, stop=(stop,), min_tokens=n))[0].samples[0]
+        assert kept.token_ids[:n] == full.token_ids[:n] and len(kept.token_ids) >= n
+
+
 def test_max_tokens_gives_length(engine):
     sample = engine.generate(PROMPTS[:1], greedy(3))[0].samples[0]
     assert sample.finish_reason == "length" and sample.output_tokens == 3
@@ -253,7 +284,7 @@ def test_llm_size_generates(tiny_checkpoints):
 @pytest.mark.parametrize(
     "kwargs",
     [dict(n=0), dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5),
-     dict(max_tokens=0), dict(stop=("",))],
+     dict(max_tokens=0), dict(stop=("",)), dict(min_tokens=-1), dict(max_tokens=4, min_tokens=5)],
 )
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError):

@@ -215,8 +215,8 @@ def test_dead_ingress_in_flight_requests_get_503_json(served):
     async def main():
         async with httpx.AsyncClient(base_url=served.url, headers=AUTH, timeout=BOUND_S) as http:
             inflight = [asyncio.create_task(http.post("/v1/chat/completions", json=body(
-                HARD, model="corea-llm", max_tokens=512))) for _ in range(6)]
-            await asyncio.sleep(0.3)  # the LLM is decoding them (512 tokens each take seconds)
+                HARD, model="corea-llm", max_tokens=512, min_tokens=512))) for _ in range(6)]
+            await asyncio.sleep(0.3)  # the LLM is decoding them: 512 tokens whatever the tiny model's EOS
             assert not any(task.done() for task in inflight), "the requests finished before the kill"
             os.kill(ingress, signal.SIGKILL)
             killed = time.perf_counter()

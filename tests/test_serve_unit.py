@@ -214,6 +214,9 @@ def test_openai_client_plain_and_streaming_against_the_app():
     assert raw.headers["x-corea-tier"] == "slm" and raw.headers["x-corea-deferred"] == "false"
     assert float(raw.headers["x-corea-cost"]) == pytest.approx(20 + 4 * 6)
     assert slm.calls[0][0][-1]["content"].endswith(INSTRUCTION) and slm.calls[0][1]["temperature"] == 0.6
+    assert slm.calls[0][1]["min_tokens"] == 0
+    oa.chat.completions.create(model="corea-slm", messages=USER, max_tokens=12, extra_body={"min_tokens": 12})
+    assert slm.calls[-1][1]["min_tokens"] == 12 and slm.calls[-1][1]["max_tokens"] == 12  # vLLM's extension
 
     chunks = list(oa.chat.completions.create(model="corea-cascade", messages=USER, stream=True,
                                              stream_options={"include_usage": True},
@@ -252,6 +255,8 @@ def test_sse_wire_format_ends_with_done():
     (json.dumps(chat(n=2)).encode(), 400, "n"),
     (json.dumps(chat(max_tokens=10**6)).encode(), 400, "max_tokens"),
     (json.dumps(chat(max_tokens=0)).encode(), 400, "max_tokens"),
+    (json.dumps(chat(max_tokens=16, min_tokens=17)).encode(), 400, "min_tokens"),
+    (json.dumps(chat(min_tokens=-1)).encode(), 400, "min_tokens"),
     (json.dumps(chat(corea={"threshold": 2})).encode(), 400, "corea.threshold"),
     (json.dumps(chat(corea={"tau": 0.5})).encode(), 400, "corea.tau"),
     (json.dumps(chat(model="gpt-9")).encode(), 404, "model"),

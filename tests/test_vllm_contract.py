@@ -192,11 +192,12 @@ def test_sampling_params_and_outputs_n_samples():
     from vllm.outputs import RequestOutput
     from vllm.sampling_params import RequestOutputKind
 
-    ours = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=16, seed=5, stop=("##",), stop_token_ids=(2,))
+    ours = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=16, min_tokens=4, seed=5, stop=("##",),
+                          stop_token_ids=(2,))
     params = vllm_sampling_params(ours)
     assert isinstance(params, vllm.SamplingParams) and params.output_kind == RequestOutputKind.FINAL_ONLY
-    assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed, params.stop,
-            params.stop_token_ids, params.logprobs) == (3, 0.7, 0.9, 16, 5, ["##"], [2], 0)
+    assert (params.n, params.temperature, params.top_p, params.max_tokens, params.min_tokens, params.seed,
+            params.stop, params.stop_token_ids, params.logprobs) == (3, 0.7, 0.9, 16, 4, 5, ["##"], [2], 0)
     assert vllm_sampling_params(ours, final_only=False).output_kind == RequestOutputKind.CUMULATIVE
 
     final = _children_outputs(params, 3)

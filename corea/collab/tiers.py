@@ -60,14 +60,15 @@ def step_params(params: dict[str, Any], max_step_tokens: int) -> dict[str, Any]:
     """Sampling settings of one step: stop after the blank line (kept in the text), at most ``max_step_tokens``."""
     stop = list(dict.fromkeys([*(params.get("stop") or []), STEP_END]))
     return {**params, "max_tokens": int(min(params.get("max_tokens", max_step_tokens), max_step_tokens)),
-            "stop": stop, "include_stop_str_in_output": True}
+            "min_tokens": 0, "stop": stop, "include_stop_str_in_output": True}
 
 
 def sampling_params(params: dict[str, Any]):
     from corea.engines import SamplingParams
 
     return SamplingParams(n=1, temperature=float(params.get("temperature", 1.0)), top_p=float(params.get("top_p", 1.0)),
-                          max_tokens=int(params["max_tokens"]), seed=params.get("seed"),
+                          max_tokens=int(params["max_tokens"]), min_tokens=int(params.get("min_tokens", 0)),
+                          seed=params.get("seed"),
                           stop=tuple(params.get("stop") or ()),
                           include_stop_str_in_output=bool(params.get("include_stop_str_in_output", False)))
 

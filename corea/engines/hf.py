@@ -200,14 +200,17 @@ class HFEngine:
         window = 4 * max((len(s) for s in params.stop), default=0) + 2  # tokens covering any stop string
         alive = list(range(len(rows)))
         alive_idx = None
+        banned = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
         for step in range(params.max_tokens):
-            logits = logits.float()
+            logits = raw = logits.float()
+            if step < params.min_tokens and len(banned):  # vLLM's min_tokens: no EOS / stop token id yet
+                logits = raw.index_fill(-1, banned, float("-inf"))
             if greedy:
                 tokens = logits.argmax(-1)
             else:
                 rows_u = uniforms[:, step] if len(alive) == len(rows) else uniforms[alive_idx, step]
                 tokens = sample_tokens(logits, params.temperature, params.top_p, rows_u)
-            logprobs = torch.log_softmax(logits, -1).gather(1, tokens.unsqueeze(-1)).squeeze(-1)
+            logprobs = torch.log_softmax(raw, -1).gather(1, tokens.unsqueeze(-1)).squeeze(-1)  # the model's own
             keep = []
             for j, (tok, lp) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                 row = rows[alive[j]]
@@ -215,7 +218,8 @@ class HFEngine:
                 row.logprobs.append(lp)
                 if tok in stop_ids:
                     row.finish_reason = "stop"
-                elif params.stop and self._has_stop(row.token_ids[-window:], params.stop):
+                elif (params.stop and len(row.token_ids) > params.min_tokens
+                      and self._has_stop(row.token_ids[-window:], params.stop)):
                     row.finish_reason = "stop"
                 elif len(row.token_ids) >= params.max_tokens:
                     row.finish_reason = "length"
@@ -251,7 +255,10 @@ class HFEngine:
     def _finish(self, row: _Row, params: SamplingParams) -> Sample:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
         if params.stop and row.finish_reason == "stop":
-            cuts = [(i, len(s)) for i, s in ((text.find(s), s) for s in params.stop) if i >= 0]
+            # the first match ending after the min_tokens prefix (the one that stopped decoding)
+            head = len(self.tokenizer.decode(row.token_ids[: params.min_tokens], skip_special_tokens=True))
+            cuts = [(i, len(s)) for i, s in ((text.find(s, max(0, head - len(s) + 1)), s) for s in params.stop)
+                    if i >= 0]
             if cuts:
                 at, width = min(cuts)
                 text = text[: at + width] if params.include_stop_str_in_output else text[:at]

@@ -108,6 +108,7 @@ def vllm_sampling_params(params: SamplingParams, final_only: bool = True):
         temperature=params.temperature,
         top_p=params.top_p,
         max_tokens=params.max_tokens,
+        min_tokens=params.min_tokens,
         seed=params.seed,
         stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None,

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from corea.collab.tiers import sampling_params
 from corea.engines.base import EngineInputError
 from corea.serve.batching import MicroBatcher
 from corea.serve.cascade import Cascade, TierOverloaded, TierRejected, TierUnavailable
@@ -26,14 +27,6 @@ from corea.serve.metrics import CascadeMetrics
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 2.0
-
-
-def _sampling(params: dict[str, Any]):
-    from corea.engines import SamplingParams
-
-    return SamplingParams(n=1, temperature=float(params.get("temperature", 1.0)),
-                          top_p=float(params.get("top_p", 1.0)), max_tokens=int(params["max_tokens"]),
-                          seed=params.get("seed"), stop=tuple(params.get("stop") or ()))
 
 
 def _params_key(params: dict[str, Any]) -> tuple:
@@ -70,7 +63,7 @@ class TierServer:
     def _check(self, messages: list[dict[str, str]], params: dict[str, Any]):
         """SamplingParams and prompt token count; ValueError (``EngineInputError`` for the prompt) when the model
         cannot take the request: untokenizable, over ``max_prompt_tokens``, or over the context."""
-        sampling = _sampling(params)
+        sampling = sampling_params(params)
         n_in = len(self.engine.encode(messages))
         if self.max_prompt_tokens and n_in > self.max_prompt_tokens:
             raise EngineInputError(f"the prompt has {n_in} tokens; at most {self.max_prompt_tokens} are allowed")
@@ -106,7 +99,7 @@ class TierServer:
             groups.setdefault(_params_key(params), []).append(i)
         results: list[dict[str, Any] | None] = [None] * len(items)
         for indices in groups.values():
-            sampling = _sampling(items[indices[0]][1])
+            sampling = sampling_params(items[indices[0]][1])
             try:
                 outs = await loop.run_in_executor(self._pool, self._run, [items[i][0] for i in indices], sampling)
             except EngineInputError as exc:
@@ -127,7 +120,7 @@ class TierServer:
     def _continue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
         import time as _time
 
-        from corea.collab.tiers import sampling_params, to_output
+        from corea.collab.tiers import to_output
 
         start = _time.perf_counter()
         try:  # the engine rejects a prompt + prefix + max_tokens longer than the model's context

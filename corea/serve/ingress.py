@@ -175,7 +175,9 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
         if max_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens is {max_tokens}; at most {limits.max_tokens} is allowed",
                            param="max_tokens")
-        return {"max_tokens": max_tokens,
+        if req.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+        return {"max_tokens": max_tokens, "min_tokens": req.min_tokens,
                 "temperature": limits.default_temperature if req.temperature is None else req.temperature,
                 "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": list(req.stop or [])}
 
