@@ -21,8 +21,8 @@ which changes math-verify's verdict:
 3. Worker pool: math-verify itself in ``Grader.processes`` worker processes, each gold parsed once per
    worker. Each response has a deadline of ``timeout_s`` seconds (an interval timer inside the worker; a miss
    is False, as math-verify's own timeout would give); a worker that does not answer within ``timeout_s +
-   KILL_GRACE_S`` (stuck in C code) is killed and replaced. Evaluation uses ``TIMEOUT_S`` (5 s, math-verify's
-   default); training rewards use ``reward.grading_timeout_s`` (1 s). Workers parse LaTeX with ANTLR's two-stage
+   KILL_GRACE_S`` (stuck in C code) is killed and replaced (``corea.grading_pool``). Evaluation uses
+   ``TIMEOUT_S`` (5 s, math-verify's default); training rewards use ``reward.grading_timeout_s`` (1 s). Workers parse LaTeX with ANTLR's two-stage
    strategy (SLL, then LL on an error: the same trees), and a large batch's screening overlaps the pool's
    work on its earlier chunks. Grading works from any thread, asyncio
    loop, Ray actor or Serve replica. Model output is only read by math-verify's parser, never run as code.
@@ -34,16 +34,11 @@ leading "X.", the last standalone letter) against the gold's letter (``normalize
 from __future__ import annotations
 
 import atexit
-import os
-import subprocess
 import math
-import queue
+import os
 import threading
-import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as _wait_any
 from typing import Sequence
 
 from corea import grading_fast
@@ -62,24 +57,15 @@ from corea.answer_checks import (  # noqa: F401 (the limits and checks are part 
     normalize_choice_gold,
     prescreen,
 )
-from corea.grading_worker import MEMORY_LIMIT_MB, _Worker
+from corea.grading_pool import Job, WorkerPool
+from corea.grading_worker import MEMORY_LIMIT_MB
 from corea.protocol import parse_response  # noqa: F401 (re-exported for callers that show the last box)
 
 TIMEOUT_S = 5.0  #: default per-response deadline in a worker, seconds (math-verify's own default timeout)
-KILL_GRACE_S = 2.0  #: extra time before a worker that misses its deadline is killed, seconds
-STARTUP_TIMEOUT_S = 120.0  #: time a new worker may take to import math-verify, seconds
 _CHUNK_MAX = 64  # responses sent to a worker at once (verdicts still come back one by one)
 _STREAM_GROUPS = 32  # groups screened in-process before their pool work starts (see grade_groups)
 _GOLD_CACHE = 4096  # prepared golds kept in-process
 _DECIDED_CACHE = 65536  # verdicts of (gold, first match) pairs kept in-process
-
-
-class _Job:
-    __slots__ = ("gold", "answers", "worker", "deadline", "gold_parsed", "done", "retried")
-
-    def __init__(self, gold: str, answers: list[str], retried: bool = False):
-        self.gold, self.answers, self.worker, self.deadline, self.gold_parsed, self.done = gold, answers, None, 0, 0, 0
-        self.retried = retried
 
 
 class _Gold:
@@ -110,12 +96,10 @@ class Grader:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.processes = max(1, int(processes or os.cpu_count() or 1))
         self.timeout_s, self.memory_limit_mb, self.pid = float(timeout_s), memory_limit_mb, os.getpid()
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._workers: set[_Worker] = set()
         self._lock = threading.Lock()
+        self._workers = WorkerPool(self.processes, self.timeout_s, memory_limit_mb, self._count)
         self._golds: OrderedDict[str, _Gold] = OrderedDict()
         self._decided: OrderedDict[tuple, bool] = OrderedDict()  # (gold, first match) -> verdict
-        self._started = self.closed = False
         self.stats = dict.fromkeys(("fast", "screened", "cached", "pool", "rejected", "deadline", "killed"), 0)
 
     def grade(self, response: str | bytes | None, gold: str, kind: str = "math") -> bool:
@@ -201,7 +185,8 @@ class Grader:
             return {}
         self._count("pool", n)
         size = max(1, min(_CHUNK_MAX, math.ceil(n / (2 * self.processes))))
-        return self._run(deque(_Job(g, a[i : i + size]) for g, a in by_gold.items() for i in range(0, len(a), size)))
+        return self._workers.run(deque(Job(g, a[i : i + size]) for g, a in by_gold.items()
+                                       for i in range(0, len(a), size)))
 
     def _remember(self, key: tuple, verdict: bool) -> None:
         with self._lock:
@@ -257,133 +242,24 @@ class Grader:
 
     def warmup(self) -> None:
         """Start every worker and wait until each has imported and warmed up math-verify."""
-        self._run(deque(_Job("1", ["\\boxed{1}"]) for _ in range(self.processes)))
+        self._workers.warmup()
 
     def worker_pids(self) -> list[int]:
-        return sorted(w.proc.pid for w in list(self._workers))
+        return self._workers.pids()
+
+    @property
+    def closed(self) -> bool:
+        return self._workers.closed
 
     def close(self) -> None:
         """Stop the workers; a second call does nothing."""
-        with self._lock:
-            if self.closed:
-                return
-            self.closed, workers = True, list(self._workers)
-        for w in workers:
-            try:
-                w.conn.send(None)
-            except (OSError, ValueError):
-                pass
-        end = time.monotonic() + 1.0
-        for w in workers:
-            try:
-                w.proc.wait(max(0.01, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            w.kill()
+        self._workers.close()
 
     def __enter__(self) -> Grader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _add_worker(self) -> None:  # self._lock held
-        worker = _Worker(self.memory_limit_mb)
-        self._workers.add(worker)
-        self._idle.put(worker)
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.kill()
-        with self._lock:
-            self._workers.discard(worker)
-            if not self.closed:
-                self._add_worker()
-
-    def _acquire(self, block: bool) -> _Worker | None:
-        with self._lock:
-            if not self._started and not self.closed:
-                self._started = True
-                for _ in range(self.processes):
-                    self._add_worker()
-        while not self.closed:
-            try:
-                return self._idle.get(timeout=0.5) if block else self._idle.get_nowait()
-            except queue.Empty:
-                if not block:
-                    return None
-        raise RuntimeError("the grader is closed")
-
-    def _run(self, jobs: deque[_Job]) -> dict[tuple[str, str], tuple[bool, bool]]:
-        """Send jobs to idle workers, collect per-response (verdict, decided by the first match), enforce the
-        deadlines."""
-        results: dict[tuple[str, str], tuple[bool, bool]] = {}
-        active: dict[Connection, _Job] = {}
-        failed_golds: set[str] = set()
-        step_s = self.timeout_s + KILL_GRACE_S
-        try:
-            while jobs or active:
-                while jobs:
-                    if jobs[0].gold in failed_golds:
-                        failed = jobs.popleft()
-                        results.update(((failed.gold, a), (False, False)) for a in failed.answers)
-                        continue
-                    if (worker := self._acquire(block=not active)) is None:
-                        break
-                    try:
-                        if worker.proc.poll() is not None:
-                            raise BrokenPipeError("worker exited while idle")
-                        worker.conn.send((jobs[0].gold, jobs[0].answers, self.timeout_s))
-                    except OSError:  # died while idle (killed from outside): nothing was started, so retry
-                        self._replace(worker)
-                        continue
-                    job = jobs.popleft()
-                    job.worker = worker
-                    job.deadline = time.monotonic() + (step_s if worker.ready else STARTUP_TIMEOUT_S)
-                    active[worker.conn] = job
-                if not active:
-                    continue
-                wait_s = max(0.0, min(j.deadline for j in active.values()) - time.monotonic())
-                for conn in _wait_any(list(active), wait_s):
-                    job = active[conn]
-                    try:
-                        while job.done < len(job.answers) and conn.poll():
-                            message = conn.recv()
-                            if message[0] == "ready":
-                                job.worker.ready = True
-                            elif message[0] == "gold":
-                                job.gold_parsed = True
-                            else:
-                                results[(job.gold, job.answers[job.done])] = (message[1], message[3])
-                                job.done += 1
-                                if message[2]:
-                                    self._count(message[2])
-                            job.deadline = time.monotonic() + step_s
-                    except (EOFError, OSError):  # the worker died: handled like a missed deadline
-                        job.deadline = -1.0
-                    if job.done == len(job.answers):
-                        del active[conn]
-                        self._idle.put(job.worker)
-                now = time.monotonic()
-                for conn, job in [(c, j) for c, j in active.items() if j.deadline <= now]:
-                    del active[conn]
-                    self._replace(job.worker)
-                    self._count("killed")
-                    if not job.worker.ready:
-                        raise RuntimeError("a grading worker failed to start (is math-verify installed?)")
-                    if not job.gold_parsed and job.deadline == -1.0 and not job.retried:
-                        jobs.appendleft(_Job(job.gold, job.answers, retried=True))  # died (killed?): once more
-                        continue
-                    if not job.gold_parsed:  # the gold itself is the culprit
-                        failed_golds.add(job.gold)
-                        results.update(((job.gold, a), (False, False)) for a in job.answers)
-                        continue
-                    results[(job.gold, job.answers[job.done])] = (False, False)
-                    if rest := job.answers[job.done + 1 :]:
-                        jobs.appendleft(_Job(job.gold, rest))
-        finally:
-            for job in active.values():  # interrupted: these workers may still send stale messages
-                self._replace(job.worker)
-        return results
 
 
 # ---------------------------------------------------------------------------------------- module defaults
