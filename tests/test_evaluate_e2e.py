@@ -175,6 +175,7 @@ def test_records(tiny_run):
     assert records.loc[records["model"] != "rlvr", "probe_confidence"].isna().all()
     baselines = json.loads((out / "baselines" / "baselines.json").read_text())
     assert baselines["train_questions"] == 8 and baselines["probe"]["input_dim"] == 64
+    assert [h["epoch"] for h in baselines["probe"]["history"]] == [1, 2]  # each epoch's losses, from rank 0
     assert (out / "baselines" / "router" / "config.json").exists()
 
 

@@ -9,6 +9,7 @@ ZeRO-3 loader (built partitioned) and bf16 training (fp32 gradient accumulation,
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -176,7 +177,7 @@ def test_sft_under_zero3_writes_real_weights(tiny_checkpoints, tmp_path):
     import ray
     from transformers import AutoModelForCausalLM
 
-    from corea.train.sft import SFTConfig, sft
+    from corea.train.sft import METRICS_FILE, SFTConfig, sft
 
     model_path = tiny_checkpoints["slm"]
     original = _weights(Path(model_path))
@@ -197,3 +198,5 @@ def test_sft_under_zero3_writes_real_weights(tiny_checkpoints, tmp_path):
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*.tmp"))
+    history = json.loads((out / METRICS_FILE).read_text())["history"]  # rank 0's per-epoch losses
+    assert [h["epoch"] for h in history] == [1] and history[0]["steps"] == 2 and history[0]["loss"] > 0

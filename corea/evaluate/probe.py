@@ -122,6 +122,7 @@ def _train_loop(config: dict) -> None:
     x_train, y_train = _load_shard(train.get_dataset_shard("train"), 4096, device)
     x_val, y_val = _load_shard(train.get_dataset_shard("val"), 4096, device)
     best = {"val_loss": float("inf"), "epoch": 0, "state_dict": None}
+    history = []
     bs, gen = config["batch_size"], torch.Generator().manual_seed(config["seed"])
     for epoch in range(1, config["epochs"] + 1):
         model.train()
@@ -145,12 +146,12 @@ def _train_loop(config: dict) -> None:
             module = model.module if hasattr(model, "module") else model
             best = {"val_loss": val_loss, "val_auroc": val_auroc, "epoch": epoch,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
-        train.report({"epoch": epoch, "train_loss": total / max(len(y_train), 1), "val_loss": val_loss,
-                      "val_auroc": val_auroc})
+        history.append({"epoch": epoch, "train_loss": total / max(len(y_train), 1), "val_loss": val_loss,
+                        "val_auroc": val_auroc})  # not train.report: see corea.train.sft._train_loop
     if train.get_context().get_world_rank() == 0:
         out = Path(config["out_path"])
         tmp = out.with_name(f".{out.name}.tmp")
-        torch.save({**best, "input_dim": config["input_dim"], "hidden": list(config["hidden"]),
+        torch.save({**best, "history": history, "input_dim": config["input_dim"], "hidden": list(config["hidden"]),
                     "n_train": int(len(y_train)), "n_val": int(len(y_val))}, tmp)
         tmp.replace(out)
 
@@ -186,10 +187,12 @@ def train_probe(features, cfg, out_path: str | Path, seed: int = 0) -> Path:
         run_config=RunConfig(name=f"probe-{out_path.stem}", storage_path=str(out_path.parent / "ray_train")),
         datasets={"train": train_ds, "val": val_ds},
     )
-    result = trainer.fit()
-    log.info("probe trained: %s", result.metrics)
+    trainer.fit()
     if not out_path.exists():
         raise RuntimeError(f"probe training finished without writing {out_path}")
+    _, meta = load_probe(out_path)
+    log.info("probe trained: best epoch %s of %d, validation loss %.4f, AUROC %s", meta.get("epoch"),
+             cfg.epochs, meta.get("val_loss", float("nan")), meta.get("val_auroc"))
     shutil.rmtree(out_path.parent / "ray_train", ignore_errors=True)
     return out_path
 

@@ -8,6 +8,7 @@ consolidating the weights (a collective under ZeRO-3) and rank 0 writes the Hugg
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,13 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
+METRICS_FILE = "sft_metrics.json"  #: in the output checkpoint: {"history": [{"epoch", "loss", "steps"}, ...]}
+
+
+def write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
 
 
 class SFTConfig(BaseModel):
@@ -57,6 +65,9 @@ def _tokenize(tokenizer, prompt_text: str, response: str) -> tuple[list[int], in
 
 
 def _train_loop(config: dict) -> None:
+    """Ray Train worker. Per-epoch losses go to ``METRICS_FILE`` in the checkpoint, not to ``train.report``:
+    Ray Train 2.60 keeps only checkpoint reports in its ``Result``, and each report waits for the controller's
+    next poll (up to ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s) because a worker's result queue holds one."""
     import deepspeed
     import torch
     from ray import train
@@ -76,6 +87,7 @@ def _train_loop(config: dict) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine.train()  # the loader returns the model in eval mode
     shard = train.get_dataset_shard("train")
+    history = []
     for epoch in range(cfg.epochs):
         losses = []
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas", local_shuffle_buffer_size=256,
@@ -92,8 +104,10 @@ def _train_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))
-        train.report({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1)})
-    export_hf(engine, config["out_dir"], train.get_context().get_world_rank(), tokenizer=tokenizer)  # all ranks
+        history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses)})
+    rank = train.get_context().get_world_rank()
+    if export_hf(engine, config["out_dir"], rank, tokenizer=tokenizer) is not None:  # all ranks take part
+        write_json_atomic(Path(config["out_dir"]) / METRICS_FILE, {"history": history})
 
 
 def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFTConfig | None = None) -> Path:
@@ -118,8 +132,10 @@ def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFT
         run_config=RunConfig(name=f"sft-{out_dir.name}", storage_path=str(out_dir.parent / "ray_train")),
         datasets={"train": ray.data.from_items(rows)},
     )
-    result = trainer.fit()
-    log.info("SFT finished: %s", result.metrics)
+    trainer.fit()
     if not (out_dir / "config.json").exists():
         raise RuntimeError(f"SFT finished without writing {out_dir}")
+    history = json.loads((out_dir / METRICS_FILE).read_text())["history"]
+    log.info("SFT finished: %s (%d examples; mean loss by epoch %s)", out_dir, len(rows),
+             ", ".join(f"{h['loss']:.4f}" for h in history))
     return out_dir
