@@ -40,9 +40,11 @@ def write_checkpoint(out_dir: Path, step: int, write: Callable[[Path], None], st
     return final
 
 
-def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None) -> Path:
-    """Write ``state`` as a Hugging Face folder (config, generation config, safetensors, optionally the tokenizer)
-    at ``folder``, atomically: written to ``.NAME.tmp`` beside it, then renamed into place."""
+def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None,
+                    extra_json: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` as a Hugging Face folder (config, generation config, safetensors, optionally the tokenizer
+    and ``extra_json``: file name -> JSON value) at ``folder``, atomically: written to ``.NAME.tmp`` beside it,
+    then renamed into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -50,6 +52,8 @@ def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None) -> 
     module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    for name, value in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(value))
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)

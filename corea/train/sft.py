@@ -21,12 +21,6 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "sft_metrics.json"  #: in the output checkpoint: {"history": [{"epoch", "loss", "steps"}, ...]}
 
 
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-
-
 class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(1, ge=1)
@@ -105,9 +99,8 @@ def _train_loop(config: dict) -> None:
             engine.step()
             losses.append(float(loss))
         history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses)})
-    rank = train.get_context().get_world_rank()
-    if export_hf(engine, config["out_dir"], rank, tokenizer=tokenizer) is not None:  # all ranks take part
-        write_json_atomic(Path(config["out_dir"]) / METRICS_FILE, {"history": history})
+    export_hf(engine, config["out_dir"], train.get_context().get_world_rank(), tokenizer=tokenizer,  # all ranks
+              extra_json={METRICS_FILE: {"history": history}})
 
 
 def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFTConfig | None = None) -> Path:

@@ -95,13 +95,14 @@ def consolidated_state_dict(engine, rank: int) -> dict[str, torch.Tensor] | None
     return {k: v.detach().cpu() for k, v in engine.module_state_dict().items()}
 
 
-def export_hf(engine, folder: str | Path, rank: int, tokenizer=None) -> Path | None:
-    """All ranks call this; rank 0 writes the Hugging Face folder from the consolidated state dict, the others
-    write nothing. Returns the folder on rank 0, ``None`` elsewhere; every rank returns after it is in place."""
+def export_hf(engine, folder: str | Path, rank: int, tokenizer=None, extra_json: dict | None = None) -> Path | None:
+    """All ranks call this; rank 0 writes the Hugging Face folder from the consolidated state dict (with
+    ``extra_json``, see ``write_hf_folder``), the others write nothing. Returns the folder on rank 0, ``None``
+    elsewhere; every rank returns after it is in place."""
     import deepspeed.comm as dist
 
     state = consolidated_state_dict(engine, rank)
-    out = write_hf_folder(engine.module, state, folder, tokenizer) if rank == 0 else None
+    out = write_hf_folder(engine.module, state, folder, tokenizer, extra_json) if rank == 0 else None
     if dist.is_initialized():
         dist.barrier()
     return out
