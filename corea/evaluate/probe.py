@@ -11,15 +11,12 @@ Training runs on Ray Train (``TorchTrainer``); features come from a Ray Data act
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-
-log = logging.getLogger(__name__)
 
 
 def build_probe(input_dim: int, hidden: tuple[int, int] = (2048, 1024)):
@@ -190,9 +187,6 @@ def train_probe(features, cfg, out_path: str | Path, seed: int = 0) -> Path:
     trainer.fit()
     if not out_path.exists():
         raise RuntimeError(f"probe training finished without writing {out_path}")
-    _, meta = load_probe(out_path)
-    log.info("probe trained: best epoch %s of %d, validation loss %.4f, AUROC %s", meta.get("epoch"),
-             cfg.epochs, meta.get("val_loss", float("nan")), meta.get("val_auroc"))
     shutil.rmtree(out_path.parent / "ray_train", ignore_errors=True)
     return out_path
 

@@ -122,6 +122,8 @@ def train_baselines(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str | None,
         feats = probe.feature_dataset(samples, _messages(samples, lookup), paths["rlvr"], b.probe, np.array(val))
         probe_path = str(probe.train_probe(feats, b.probe, out / "probe.pt", seed=cfg.seed))
         info["probe"] = {"path": probe_path, **probe.load_probe(probe_path)[1]}
+        log.info("probe trained: best epoch %s of %d, validation loss %.4f, AUROC %s", info["probe"]["epoch"],
+                 b.probe.epochs, info["probe"]["val_loss"], info["probe"].get("val_auroc"))
     saved.write_text(json.dumps(info, indent=2, default=str))
     return router_path, probe_path, info
 
