@@ -146,9 +146,10 @@ def test_stop_token_ids_end_the_sample(engine):
     assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: first + 1]
 
 
-def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
-    """A model whose residual stream is one constant vector, with an output head that only scores EOS."""
-    engine = HFEngine(tiny_checkpoints["slm"])
+def only_eos_engine(path) -> tuple[HFEngine, int]:
+    """(engine, EOS id): a model whose residual stream is one constant vector, with an output head that only
+    scores EOS."""
+    engine = HFEngine(path)
     sd = engine.model.state_dict()
     e = torch.randn(sd["model.embed_tokens.weight"].shape[1])
     eos = engine.tokenizer.eos_token_id
@@ -157,6 +158,11 @@ def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
     head = torch.zeros_like(sd["lm_head.weight"])
     head[eos] = e
     engine.update_weights({**update, "lm_head.weight": head})
+    return engine, eos
+
+
+def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
+    engine, eos = only_eos_engine(tiny_checkpoints["slm"])
     for params in (greedy(8), SamplingParams(n=3, max_tokens=8, seed=0)):
         for sample in engine.generate(PROMPTS, params)[0].samples:
             assert sample.token_ids == [eos] and sample.finish_reason == "stop" and sample.text == ""
@@ -166,15 +172,7 @@ def test_eos_ends_the_sample_and_is_kept_in_token_ids(tiny_checkpoints):
 def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(tiny_checkpoints, engine):
     """vLLM's ``min_tokens``: the EOS-only model of the test above must write 5 tokens, none of them EOS, then
     EOS; a stop token id or stop string met before ``min_tokens`` does not end the sample."""
-    only_eos = HFEngine(tiny_checkpoints["slm"])
-    sd = only_eos.model.state_dict()
-    e = torch.randn(sd["model.embed_tokens.weight"].shape[1])
-    eos = only_eos.tokenizer.eos_token_id
-    update = {"model.embed_tokens.weight": e.expand_as(sd["model.embed_tokens.weight"]).clone()}
-    update.update({k: torch.zeros_like(v) for k, v in sd.items() if k.endswith(("o_proj.weight", "down_proj.weight"))})
-    head = torch.zeros_like(sd["lm_head.weight"])
-    head[eos] = e
-    only_eos.update_weights({**update, "lm_head.weight": head})
+    only_eos, eos = only_eos_engine(tiny_checkpoints["slm"])
     for params in (greedy(8, min_tokens=5), SamplingParams(n=2, max_tokens=8, min_tokens=5, seed=0)):
         for sample in only_eos.generate(PROMPTS[:1], params)[0].samples:
             assert len(sample.token_ids) == 6 and eos not in sample.token_ids[:5] and sample.token_ids[5] == eos

@@ -200,7 +200,7 @@ class HFEngine:
         window = 4 * max((len(s) for s in params.stop), default=0) + 2  # tokens covering any stop string
         alive = list(range(len(rows)))
         alive_idx = None
-        banned = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
+        banned = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev) if params.min_tokens else None
         for step in range(params.max_tokens):
             logits = raw = logits.float()
             if step < params.min_tokens and len(banned):  # vLLM's min_tokens: no EOS / stop token id yet
@@ -256,7 +256,8 @@ class HFEngine:
         text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
         if params.stop and row.finish_reason == "stop":
             # the first match ending after the min_tokens prefix (the one that stopped decoding)
-            head = len(self.tokenizer.decode(row.token_ids[: params.min_tokens], skip_special_tokens=True))
+            head = (len(self.tokenizer.decode(row.token_ids[: params.min_tokens], skip_special_tokens=True))
+                    if params.min_tokens else 0)
             cuts = [(i, len(s)) for i, s in ((text.find(s, max(0, head - len(s) + 1)), s) for s in params.stop)
                     if i >= 0]
             if cuts:
