@@ -22,9 +22,9 @@ which changes math-verify's verdict:
    worker. Each response has a deadline of ``timeout_s`` seconds (an interval timer inside the worker; a miss
    is False, as math-verify's own timeout would give); a worker that does not answer within ``timeout_s +
    KILL_GRACE_S`` (stuck in C code) is killed and replaced (``corea.grading_pool``). Evaluation uses
-   ``TIMEOUT_S`` (5 s, math-verify's default); training rewards use ``reward.grading_timeout_s`` (1 s). Workers parse LaTeX with ANTLR's two-stage
-   strategy (SLL, then LL on an error: the same trees), and a large batch's screening overlaps the pool's
-   work on its earlier chunks. Grading works from any thread, asyncio
+   ``TIMEOUT_S`` (5 s, math-verify's default); training rewards use ``reward.grading_timeout_s`` (1 s).
+   Workers parse LaTeX with ANTLR's two-stage strategy (SLL, then LL on an error: the same trees), and a large
+   batch's screening overlaps the pool's work on its earlier chunks. Grading works from any thread, asyncio
    loop, Ray actor or Serve replica. Model output is only read by math-verify's parser, never run as code.
 
 Choice: the letter of ``corea.answer_checks.extract_choice`` (boxed letter, "answer is X", "answer: X", a
