@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from corea.data import loaders
 from corea.data.records import DatasetError, Kind, Record, records_from_rows
+from corea.storage import is_uri
 
 if TYPE_CHECKING:
     import ray.data
@@ -101,7 +102,7 @@ def load_dataset(
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     if split is not None and not spec.splittable:
         raise ValueError(f"dataset {name!r} has no train/eval split")
-    source = Path(path) if path is not None else spec.fixture
+    source = (path if is_uri(path) else Path(path)) if path is not None else spec.fixture  # a URI stays a string
     if source is None:
         raise DatasetError(f"dataset {name!r} has no default file; pass path=")
     records = spec.loader(source)

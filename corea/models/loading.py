@@ -1,14 +1,42 @@
-"""Loading a causal LM and its tokenizer from a local folder: tiny checkpoints and real ones alike."""
+"""Loading a causal LM and its tokenizer: tiny checkpoints and real ones alike, from a local folder, a URI or a
+Hugging Face Hub id (``resolve_model_path``: each node fetches once into its cache)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.ot")
+NOT_NEEDED = ("original/*", "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.ot")  # other formats' weights
+
+
+def resolve_model_path(spec: str | os.PathLike, weights: bool = True) -> str:
+    """A local folder for a model named by a local path (as is), a URI (``s3://bucket/Qwen2.5-7B-Instruct``, a
+    checkpoint's ``.../step_000150/hf``: copied once per node, see ``corea.storage.local_copy``) or a Hugging Face
+    Hub id (``Qwen/Qwen2.5-7B-Instruct``: downloaded once per node into the Hub cache, ``HF_HOME``).
+    ``weights=False``: config and tokenizer files only."""
+    spec = os.fspath(spec)
+    if spec.startswith("file://"):
+        return spec[len("file://"):]
+    from corea import storage
+
+    if storage.is_uri(spec):
+        return str(storage.local_copy(spec, skip=() if weights else WEIGHTS))
+    if os.path.exists(os.path.expanduser(spec)) or not HUB_ID.fullmatch(spec):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(spec, ignore_patterns=list(NOT_NEEDED if weights else WEIGHTS + NOT_NEEDED))
+    except Exception as exc:  # not found, offline, gated: say that a local folder was looked for too
+        raise FileNotFoundError(f"{spec}: no such local folder, and not available from the Hugging Face Hub "
+                                f"({type(exc).__name__}: {exc})") from exc
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -48,7 +76,7 @@ def load_tokenizer(path: str | os.PathLike, **kwargs: Any):
     """``AutoTokenizer`` with left padding (for batched generation) and a pad token (falls back to EOS)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path, weights=False), **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,7 +116,8 @@ def load_model_and_tokenizer(
     deepspeed_config: dict | None = None,
     **model_kwargs: Any,
 ):
-    """``(model, tokenizer)`` from a local Hugging Face folder, model in eval mode on ``device``.
+    """``(model, tokenizer)`` from a Hugging Face folder (local, a URI or a Hub id: ``resolve_model_path``), model
+    in eval mode on ``device``.
 
     ``dtype``: "auto" | "float32" | "bfloat16" | "float16" (see ``resolve_dtype``); ``device``: None/"auto",
     "cpu", "cuda", "cuda:1", ... ``deepspeed_config``: the DeepSpeed config the model will be trained with; under
@@ -100,6 +129,7 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
+    path = resolve_model_path(path)
     torch_dtype = resolve_dtype(path, dtype, device)
     major = int(transformers.__version__.split(".")[0])
     dtype_key = "dtype" if major >= 5 else "torch_dtype"
