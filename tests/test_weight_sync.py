@@ -142,7 +142,7 @@ def test_restarted_worker_rebuilds_the_group_for_every_rank(local_ray):
     """Defect 4: after a rollout worker restarts, every policy rank and every worker joins a new group (fresh
     port), each worker at its own rank offset, and the current weights are sent again."""
     from corea.train.actors import free_port
-    from corea.train.weight_sync import NcclSync
+    from corea.train.weight_sync import NcclSync, actor_restarts
 
     ray = local_ray
     workers = [ray.remote(StandInRolloutWorker).options(num_cpus=0, max_restarts=1).remote() for _ in range(2)]
@@ -150,6 +150,8 @@ def test_restarted_worker_rebuilds_the_group_for_every_rank(local_ray):
     sync = NcclSync(policy, workers, tensor_parallel_size=2, rendezvous=lambda: ("127.0.0.1", free_port()))
     assert sync.sync(1) == 1
     ray.kill(workers[1], no_restart=False)  # comes back as a fresh worker at version 0, outside the group
+    while actor_restarts([workers[1]]) == [0]:  # the kill has taken effect, as when the driver sees a call fail
+        time.sleep(0.1)
     sync.resync(workers[1])
     assert ray.get([w.version.remote() for w in workers]) == [1, 1]
     ranks = ray.get([p.joined.remote() for p in policy])

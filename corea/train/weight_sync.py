@@ -7,6 +7,12 @@
   ``NCCLTrainerWeightTransferEngine`` over ``Policy.named_full_params()`` (all ranks gather in lockstep, rank 0
   broadcasts); the workers receive with vLLM's ``NCCLWeightTransferEngine``. No CPU copy of the weights is made.
   After a worker restart the transfer group is rebuilt for every rank (fresh port) and the weights sent again.
+  The rebuild never calls a live worker before the join: a call queues behind a running ``generate`` on the
+  single-threaded actor, while vLLM's rendezvous (``StatelessProcessGroup.create``, a TCPStore) waits only 300 s
+  for every rank. So the driver first lets the generation in flight finish (``drain``), waits until the
+  restarted worker is ALIVE in Ray's actor table, and tells restarts apart by the table's restart count
+  recorded when the group was built (not by asking the workers for their version); every wait inside the
+  rendezvous is shorter than vLLM's (``JOIN_TIMEOUT_S``).
 - ``FolderSync`` (vLLM rollout workers, trainers without GPUs): every policy rank calls ``Policy.export_hf`` into
   ``OUT/weights/v{version}`` (rank 0 writes) and each worker runs vLLM's ``reload_weights`` on that folder; a
   restarted worker reloads the same folder. The folder must be on storage the rollout nodes can read.
@@ -28,7 +34,10 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 SYNC_TIMEOUT_S = 1800.0  # one full transfer of a 32B model, with margin
-RESTART_TIMEOUT_S = 900.0  # a rollout worker coming back (vLLM start-up)
+RESTART_TIMEOUT_S = 1800.0  # a rollout worker coming back (a cold vLLM start-up; resources.worker_restart_timeout_s)
+VLLM_RENDEZVOUS_S = 300  # vllm 0.29 StatelessProcessGroup.create(store_timeout=300): every rank must join by then
+JOIN_TIMEOUT_S = 240.0  # our wait for the workers' join, inside vLLM's rendezvous: below VLLM_RENDEZVOUS_S
+DRAIN_TIMEOUT_S = 3600.0  # the generation in flight finishing before a rebuild (one step's rollout, with margin)
 
 
 def wait(refs: Sequence[Any], what: str, timeout_s: float) -> list[Any]:
@@ -68,21 +77,28 @@ class RolloutClient:
     ``version`` is the weight version that ``finish_weight_update`` commits when the trainer engine passes none.
     """
 
-    def __init__(self, workers: Sequence[Any], tensor_parallel_size: int, timeout_s: float = SYNC_TIMEOUT_S):
+    def __init__(self, workers: Sequence[Any], tensor_parallel_size: int, timeout_s: float = SYNC_TIMEOUT_S,
+                 restarted: Sequence[int] = ()):
         self.workers = list(workers)
         self.offsets, self.world_size = worker_rank_offsets(len(self.workers), tensor_parallel_size)
         self.timeout_s = timeout_s
+        self.restarted = list(restarted)  # indices of workers that restarted since the last group (idle)
         self.version: int | None = None
 
     def _all(self, what: str, calls: list) -> list:
         return wait(calls, f"rollout workers 0..{len(self.workers) - 1}: {what}", self.timeout_s)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        for w in self.workers:  # this process may still see a restarted worker as restarting: wait until it answers
-            wait_alive(w.version.remote, "rollout worker before joining the weight-transfer group")
-        self._all("joining the weight-transfer group",
-                  [w.init_weight_transfer.remote({**init_info, "rank_offset": off, "world_size": self.world_size})
-                   for w, off in zip(self.workers, self.offsets)])
+        """Every worker joins at once; the driver made sure they are alive and idle (``NcclSync._connect``), so
+        no other call precedes the join, and the wait ends before vLLM's own rendezvous timeout. Only a restarted
+        (idle) worker is called first: this process's view of it can lag the driver's."""
+        for i in self.restarted:
+            wait_alive(self.workers[i].version.remote, f"restarted rollout worker {i} before the join",
+                       min(self.timeout_s, JOIN_TIMEOUT_S / 2))
+        calls = [w.init_weight_transfer.remote({**init_info, "rank_offset": off, "world_size": self.world_size})
+                 for w, off in zip(self.workers, self.offsets)]
+        wait(calls, f"rollout workers 0..{len(self.workers) - 1}: joining the weight-transfer group",
+             min(self.timeout_s, JOIN_TIMEOUT_S))
 
     def start_weight_update(self) -> None:
         self._all("start_weight_update", [w.start_weight_update.remote() for w in self.workers])
@@ -169,19 +185,34 @@ class FolderSync:
 
 
 class NcclSync:
-    """vLLM's NCCL weight transfer from every policy rank (rank 0 sends) to every rollout worker."""
+    """vLLM's NCCL weight transfer from every policy rank (rank 0 sends) to every rollout worker.
 
-    def __init__(self, policy: Sequence[Any], rollout: Sequence[Any], tensor_parallel_size: int, rendezvous):
+    ``drain()`` (from ``ClusterActors``) returns once no ``generate`` is in flight on any rollout worker."""
+
+    def __init__(self, policy: Sequence[Any], rollout: Sequence[Any], tensor_parallel_size: int, rendezvous,
+                 restart_timeout_s: float = RESTART_TIMEOUT_S, drain=None):
         self.policy, self.rollout = list(policy), list(rollout)
         self.tp = int(tensor_parallel_size)
         self.rendezvous = rendezvous  # () -> (address, free port) on policy rank 0's node
+        self.restart_timeout_s = restart_timeout_s
+        self.drain = drain or (lambda: None)
         self.version: int | None = None
         self.ready = False
+        self.restarts: list[int] | None = None  # each worker's restart count when the group was built
+        self.restarted: set[int] = set()  # workers known to have restarted since (resync)
 
     def _connect(self) -> None:
-        """(Re)build the transfer group: every policy rank and every rollout worker, on a fresh port."""
+        """(Re)build the transfer group: every policy rank and every rollout worker, on a fresh port, once no
+        generation is in flight and every worker is alive (so each takes the join at once)."""
+        self.drain()
+        wait_actors_alive(self.rollout, "rollout workers before joining the weight-transfer group",
+                          self.restart_timeout_s)
+        restarts = actor_restarts(self.rollout)
+        restarted = self.restarted | {i for i, (now, then) in enumerate(zip(restarts, self.restarts or restarts))
+                                      if now != then}
+        self.restarts, self.restarted = restarts, set()
         addr, port = self.rendezvous()
-        client = RolloutClient(self.rollout, self.tp)
+        client = RolloutClient(self.rollout, self.tp, restarted=sorted(restarted))
         log.info("weight-transfer group: %s:%d, %d ranks", addr, port, client.world_size)
         wait([p.init_weight_transfer.remote(addr, port, client.world_size, client) for p in self.policy],
              f"policy ranks and rollout workers building the weight-transfer group at {addr}:{port}",
@@ -189,13 +220,9 @@ class NcclSync:
         self.ready = True
 
     def sync(self, version: int) -> int:
-        if self.ready and self.version is not None:
-            for worker in self.rollout:  # a worker restarted since the last sync is back at "default" (0)
-                _wait_alive(worker)
-            if set(wait([w.version.remote() for w in self.rollout], "rollout workers reporting their version",
-                        60)) != {self.version}:
-                log.warning("a rollout worker restarted since version %d: rebuilding the transfer group", self.version)
-                self.ready = False
+        if self.ready and actor_restarts(self.rollout) != self.restarts:  # Ray's actor table: no call queues
+            log.warning("a rollout worker restarted since version %s: rebuilding the transfer group", self.version)
+            self.ready = False
         if not self.ready:
             self._connect()
         wait([p.send_weights.remote(version) for p in self.policy],
@@ -208,14 +235,32 @@ class NcclSync:
     def resync(self, worker: Any) -> None:
         """A restarted worker left the group: rebuild it for all ranks, then send the current weights again
         (the policy's weights are those of the last sync while rollouts run)."""
-        _wait_alive(worker)
+        wait_alive(worker.version.remote, "restarted rollout worker", self.restart_timeout_s)  # idle: answers
+        self.restarted |= {i for i, w in enumerate(self.rollout) if w._actor_id == worker._actor_id}
         self.ready = False
         if self.version is not None:
             self.sync(self.version)
 
 
-def _wait_alive(worker: Any, timeout_s: float = RESTART_TIMEOUT_S) -> None:
-    wait_alive(worker.version.remote, "restarted rollout worker", timeout_s)
+def actor_restarts(actors: Sequence[Any]) -> list[int]:
+    """How often each actor has restarted, from Ray's actor table in the GCS (the actor is not called)."""
+    from ray._private.state import actors as actor_table
+
+    return [int(actor_table(a._actor_id.hex()).get("NumRestarts", 0)) for a in actors]
+
+
+def wait_actors_alive(actors: Sequence[Any], what: str, timeout_s: float) -> None:
+    """Until every actor is ALIVE in Ray's actor table (its constructor has returned), within ``timeout_s``."""
+    from ray._private.state import actors as actor_table
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = [actor_table(a._actor_id.hex()).get("State") for a in actors]
+        if all(s == "ALIVE" for s in states):
+            return
+        if "DEAD" in states or time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: actor states {states} (not all ALIVE within {timeout_s:.0f} s)")
+        time.sleep(1.0)
 
 
 def _checked(versions: Sequence[int], version: int) -> int:
@@ -226,10 +271,10 @@ def _checked(versions: Sequence[int], version: int) -> int:
 
 
 def make_weight_sync(backend: str, trainer_gpus: float, policy, rollout, tensor_parallel_size: int,
-                     rendezvous, folder: str | Path):
+                     rendezvous, folder: str | Path, restart_timeout_s: float = RESTART_TIMEOUT_S, drain=None):
     """The strategy for this run: object store (transformers), NCCL (vLLM + GPU trainers), else folder."""
     if backend != "vllm":
         return ObjectStoreSync(policy, rollout)
     if trainer_gpus > 0:
-        return NcclSync(policy, rollout, tensor_parallel_size, rendezvous)
+        return NcclSync(policy, rollout, tensor_parallel_size, rendezvous, restart_timeout_s, drain)
     return FolderSync(policy, rollout, folder)
