@@ -109,6 +109,20 @@ class ResourcesConfig(StrictModel):
     reference_cpus: float = Field(1, ge=0)
     reference_gpus: float = Field(0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    reference_actors: int = Field(1, ge=1, description="reference shards, each scoring an equal slice of the batch")
+    reference_with_policy: bool = Field(
+        False, description="one reference shard in each policy rank's bundle, on its GPU (reference_gpus of it); "
+                           "reference_actors is then the number of ranks")
+    gpus_per_node: int | None = Field(
+        None, ge=1, description="GPUs of one node: bundles go into node-sized STRICT_PACK placement groups, policy "
+                                "ranks first (see corea.train.placement); None: one group, placement_strategy")
+    placement_timeout_s: float = Field(
+        2700, gt=0, description="wait for the placement groups, seconds: the autoscaler starting GPU nodes from zero")
+    placement_log_every_s: float = Field(60, gt=0, description="seconds between logs of what is still unplaced")
+    actor_start_timeout_s: float = Field(
+        1800, gt=0, description="every actor's constructor (a cold TP 4 vLLM engine loading a 32B model), seconds")
+    worker_restart_timeout_s: float = Field(
+        1800, gt=0, description="a restarted rollout worker coming back (vLLM start-up), seconds")
 
 
 class OutputConfig(StrictModel):
