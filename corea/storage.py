@@ -157,12 +157,12 @@ def get_file(fs: pafs.FileSystem, path: str, local: Path) -> None:
         shutil.copyfileobj(src, dst, CHUNK)
 
 
-def upload_dir(local: str | Path, uri: str, threads: int = THREADS) -> dict[str, int]:
+def upload_dir(local: str | Path, uri: str, threads: int | None = None) -> dict[str, int]:
     """Every file under the local folder -> ``uri/<relative path>``; returns relative path -> size."""
     local = Path(local)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     fs, root = filesystem(uri)
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+    with ThreadPoolExecutor(max(1, min(threads or THREADS, len(files)))) as pool:
         list(pool.map(lambda p: put_file(p, fs, join(root, p.relative_to(local).as_posix())), files))
     return {p.relative_to(local).as_posix(): p.stat().st_size for p in files}
 
@@ -171,7 +171,7 @@ def _skipped(rel: str, skip: Sequence[str]) -> bool:
     return any(fnmatch(rel, pattern) for pattern in skip)
 
 
-def download_dir(uri: str, dest: str | Path, skip: Sequence[str] = (), threads: int = THREADS) -> Path:
+def download_dir(uri: str, dest: str | Path, skip: Sequence[str] = (), threads: int | None = None) -> Path:
     """The files under ``uri`` (but those matching a ``skip`` pattern, e.g. ``"deepspeed/*"``) -> the local folder
     ``dest``, atomically: downloaded beside it, then renamed into place."""
     dest = Path(dest)
@@ -183,7 +183,7 @@ def download_dir(uri: str, dest: str | Path, skip: Sequence[str] = (), threads: 
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        with ThreadPoolExecutor(max(1, min(threads or THREADS, len(files)))) as pool:
             list(pool.map(lambda rel: get_file(fs, join(root, rel), tmp / rel), files))
         if dest.exists():
             shutil.rmtree(dest)
@@ -209,8 +209,8 @@ def local_copy(uri: str, skip: Sequence[str] = ()) -> Path:
     """A local folder holding the files under ``uri`` (but ``skip`` patterns), made once per node.
 
     Cached under ``cache_root()/uri/<hash of the URI>-<last part>``; one process downloads while the others of
-    the node wait on a lock. The listing (paths, sizes, modification times) is recorded beside the folder: a
-    copy whose source has changed since (a checkpoint step written again) is downloaded again."""
+    the node wait on a lock. The listing (paths, sizes, modification times: 1 s resolution on S3) is recorded
+    beside the folder: a copy whose source has changed since (a checkpoint step written again) is downloaded again."""
     fs, root = filesystem(uri)
     files = {rel: i for rel, i in _files(fs, root).items() if not _skipped(rel, skip)}
     if not files:

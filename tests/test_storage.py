@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +71,7 @@ def test_local_copy_once_per_node_and_refreshed(s3, tmp_path, monkeypatch):
     assert len(set(copies)) == 1 and len(gets) == 2  # four callers, one download (the others waited on the lock)
     assert storage.source_uri(copies[0]) == uri and storage.source_uri(tmp_path) is None
     assert storage.local_copy(uri) == copies[0] and len(gets) == 2
+    time.sleep(1.1)  # S3 modification times have 1 s resolution
     storage.write_bytes(f"{uri}/model.safetensors", b"v" * 100)  # the same size, written again: a new copy
     assert (storage.local_copy(uri) / "model.safetensors").read_bytes() == b"v" * 100
     light = storage.local_copy(uri, skip=("*.safetensors",))

@@ -6,31 +6,51 @@
         trainer_state.json   step, seed, data position
 A checkpoint is first written to ``.step_000002.tmp`` and renamed into place: a folder named ``step_*``
 is always complete. Hugging Face folders (``write_hf_folder``) are written the same way.
+
+With ``output.checkpoint_uri`` (``s3://bucket/run/checkpoints``, any ``corea.storage`` URI) the same folder is
+written under the URI instead, from every node: each policy rank writes its files to local scratch and uploads
+them (``Policy.save`` under ``corea.storage.staged``), then the driver uploads its own, then writes the marker
+``step_000002/COMPLETE`` (the listing of every object of the step) last. Only a step with its marker, and every
+object the marker lists, is a checkpoint: a crash mid-upload leaves the previous one as the newest. Resume
+downloads the driver's files of the newest one; actors read ``hf/`` and ``deepspeed/`` from the URI themselves.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from corea import storage
+
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
+MARKER = "COMPLETE"
+STEP = re.compile(r"step_(\d+)")
 
 
 def step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:06d}"
 
 
-def write_checkpoint(out_dir: Path, step: int, write: Callable[[Path], None], state: dict[str, Any], keep: int) -> Path:
-    """Call ``write(tmp_folder)``, add ``trainer_state.json``, then rename the folder into place."""
+def write_checkpoint(out_dir: Path, step: int, write: Callable[[Path, str], None], state: dict[str, Any], keep: int,
+                     uri: str | None = None) -> Path | str:
+    """Call ``write(folder, target)``, add ``trainer_state.json``, then make the step a checkpoint; keep ``keep``.
+
+    The driver writes into the local ``folder``; the policy ranks write theirs to ``target``: the same folder,
+    renamed into place after, or, with ``uri``, the step's URI, completed by its marker (module docstring)."""
+    if uri is not None:
+        return _write_remote(out_dir, step, write, state, keep, uri)
     final = step_dir(out_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    write(tmp, str(tmp))
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -38,6 +58,40 @@ def write_checkpoint(out_dir: Path, step: int, write: Callable[[Path], None], st
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remote_step(uri: str, step: int) -> str:
+    return storage.join(uri, f"step_{step:06d}")
+
+
+def _write_remote(out_dir: Path, step: int, write: Callable[[Path, str], None], state: dict[str, Any], keep: int,
+                  uri: str) -> str:
+    target = remote_step(uri, step)
+    storage.delete(storage.join(target, MARKER))  # marker first: an older copy of this step stops counting
+    storage.delete_tree(target)
+    staging = step_dir(out_dir, step).with_name(f".step_{step:06d}.upload")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging, target)  # returns once every rank has uploaded its files
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        storage.upload_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    files = storage.list_files(target)
+    storage.write_text(storage.join(target, MARKER), json.dumps({"step": step, "files": files}))
+    complete = list_checkpoints(out_dir, uri)
+    for old in complete[:-keep]:
+        _delete_remote(old)
+    for name in storage.list_dirs(uri):  # partial steps a crash left behind
+        if (m := STEP.fullmatch(name)) and int(m.group(1)) < step and storage.join(uri, name) not in complete:
+            storage.delete_tree(storage.join(uri, name))
+    return target
+
+
+def _delete_remote(target: str) -> None:
+    storage.delete(storage.join(target, MARKER))
+    storage.delete_tree(target)
 
 
 def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None,
@@ -60,17 +114,42 @@ def write_hf_folder(module, state: dict, folder: str | Path, tokenizer=None,
     return folder
 
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def list_checkpoints(out_dir: Path, uri: str | None = None) -> list:
+    """Complete checkpoints, oldest first: local folders, or with ``uri`` the URIs of the steps with a marker."""
+    if uri is not None:
+        steps = [storage.join(uri, name) for name in storage.list_dirs(uri) if STEP.fullmatch(name)]
+        return [s for s in steps if storage.exists(storage.join(s, MARKER))]
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
+def latest_checkpoint(out_dir: Path, uri: str | None = None) -> Path | None:
+    """The newest complete checkpoint's local folder. With ``uri``: the newest step whose marker's objects are
+    all there, its driver files (not ``hf/``, ``deepspeed/``) copied locally; ``checkpoint_source`` names it."""
+    if uri is None:
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    for target in reversed(list_checkpoints(out_dir, uri)):
+        if _verified(target):
+            return storage.local_copy(target, skip=("hf/*", "deepspeed/*"))
+        log.warning("%s: its marker lists objects that are missing; taking an older checkpoint", target)
+    return None
+
+
+def _verified(target: str) -> bool:
+    try:
+        listed = json.loads(storage.read_text(storage.join(target, MARKER)))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    present = storage.list_files(target)
+    return all(present.get(rel) == size for rel, size in listed.items())
+
+
+def checkpoint_source(folder: Path) -> str:
+    """Where the actors read a checkpoint (``hf/``, ``deepspeed/``) from: its URI, or its local folder."""
+    return storage.source_uri(folder) or str(folder)
 
 
 def read_state(folder: Path) -> dict[str, Any]:

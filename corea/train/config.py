@@ -127,6 +127,9 @@ class ResourcesConfig(StrictModel):
 
 class OutputConfig(StrictModel):
     dir: str = "runs/tiny-rlcc"
+    checkpoint_uri: str | None = Field(
+        None, description="checkpoints under this URI (s3://bucket/run/checkpoints, see corea.storage) instead of "
+                          "dir/checkpoints: every node uploads its part, a COMPLETE marker last")
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True

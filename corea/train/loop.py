@@ -13,9 +13,10 @@ import ray
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from corea import metrics
+from corea import metrics, storage
 from corea.data import Record, load_dataset
-from corea.train.checkpoints import latest_checkpoint, read_state, truncate_jsonl, write_checkpoint
+from corea.models.loading import resolve_model_path
+from corea.train.checkpoints import checkpoint_source, latest_checkpoint, read_state, truncate_jsonl, write_checkpoint
 from corea.train.config import TrainConfig
 from corea.train.pipeline import RolloutPipeline
 from corea.train.pools import ClusterActors
@@ -78,8 +79,9 @@ def step_metrics(rewards: list[list[dict]], rollouts: list[dict]) -> dict[str, f
     return out
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run RLCC (or RLVR with ``confidence_reward: none``) as configured; returns the last checkpoint.
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path | str:
+    """Run RLCC (or RLVR with ``confidence_reward: none``) as configured; returns the last checkpoint (its URI
+    with ``output.checkpoint_uri``).
 
     Per step: take the graded batch (``RolloutPipeline``: generated now, or up to ``rollout.max_staleness``
     steps ahead), reference log-probs, GRPO update, weights to the rollout workers; log; checkpoint."""
@@ -89,7 +91,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     records = training_records(cfg)
     policy_path = resolve_model(cfg.model.policy, out, cfg.model.seed)
     reference_path = resolve_model(cfg.model.reference or cfg.model.policy, out, cfg.model.seed)
-    start, resume_from = 1, latest_checkpoint(out) if resume else None
+    ckpt_uri = cfg.output.checkpoint_uri
+    start, resume_from = 1, latest_checkpoint(out, ckpt_uri) if resume else None
+    source = checkpoint_source(resume_from) if resume_from is not None else None  # a URI: actors read it there
     if resume_from is not None:
         start = read_state(resume_from)["step"] + 1
         truncate_jsonl(out / METRICS_FILE, start - 1)
@@ -99,10 +103,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if not ray.is_initialized():
         ray.init()
     actors_began = time.perf_counter()
-    actors = ClusterActors(cfg, str(resume_from / "hf") if resume_from else policy_path, reference_path, cfg.name)
+    actors = ClusterActors(cfg, storage.join(source, "hf") if source else policy_path, reference_path, cfg.name)
     startup = {"time/actors_start_s": time.perf_counter() - actors_began}
     if resume_from is not None:
-        actors.load(str(resume_from))
+        actors.load(source)
         actors.sync_weights(version=start - 1)
     pipeline = RolloutPipeline(cfg, actors, records, RolloutPipeline.load(resume_from))
     writer = _tensorboard(cfg)
@@ -134,9 +138,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 if step % cfg.output.log_every == 0 or step == cfg.optim.steps:
                     log.info("step %d/%d  %s", step, cfg.optim.steps, _summary(row))
                 if step % cfg.output.checkpoint_every == 0 or step == cfg.optim.steps:
-                    last = write_checkpoint(out, step, lambda tmp: _save(actors, pipeline, tmp, policy_path),
+                    last = write_checkpoint(out, step, lambda tmp, to: _save(actors, pipeline, tmp, policy_path, to),
                                             {"seed": cfg.seed, "data": {"n_records": len(records)}, "config": cfg.model_dump(mode="json")},
-                                            cfg.output.keep_checkpoints)
+                                            cfg.output.keep_checkpoints, ckpt_uri)
                     log.debug("step %d: checkpoint %s", step, last)
     finally:
         if writer is not None:
@@ -160,11 +164,12 @@ def _summary(row: dict) -> str:
     return "  ".join(f"{short} {row[k]:.3g}" for k, short in _SUMMARY if k in row)
 
 
-def _save(actors: ClusterActors, pipeline: RolloutPipeline, folder: Path, tokenizer_path: str) -> None:
+def _save(actors: ClusterActors, pipeline: RolloutPipeline, folder: Path, tokenizer_path: str, ranks_to: str) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
-    actors.save(str(folder))
+    actors.save(ranks_to)  # the policy ranks' part: the same folder, or the step's URI
     pipeline.save(folder)
+    tokenizer_path = resolve_model_path(tokenizer_path, weights=False)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder / "hf")
     try:
         GenerationConfig.from_pretrained(tokenizer_path).save_pretrained(folder / "hf")

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from corea import storage
 from corea.models import load_model_and_tokenizer
 from corea.train.config import OptimConfig
 from corea.train.grpo import grpo_loss
@@ -205,13 +206,15 @@ class Policy:
 
     def save(self, folder: str | Path, tag: str = "state") -> None:
         """DeepSpeed state under ``folder/deepspeed`` and Hugging Face weights under ``folder/hf`` (``export_hf``).
-        All ranks call it (collective); only rank 0 writes the Hugging Face folder."""
-        folder = Path(folder)
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=tag)
-        self.export_hf(folder / "hf")
+        All ranks call it (collective); only rank 0 writes the Hugging Face folder. ``folder`` may be a URI: each
+        rank writes to local scratch and uploads its own files (``corea.storage.staged``)."""
+        with storage.staged(folder) as local:
+            self.engine.save_checkpoint(str(local / "deepspeed"), tag=tag)
+            self.export_hf(local / "hf")
 
     def load(self, folder: str | Path, tag: str = "state") -> None:
         """Restore weights and optimizer state written by ``save``."""
-        path, _ = self.engine.load_checkpoint(str(Path(folder) / "deepspeed"), tag=tag, load_optimizer_states=True)
+        local = storage.local_path(storage.join(folder, "deepspeed"))  # a URI: copied once per node
+        path, _ = self.engine.load_checkpoint(str(local), tag=tag, load_optimizer_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {folder}/deepspeed")
