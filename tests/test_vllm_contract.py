@@ -160,12 +160,19 @@ def test_weight_transfer_config_and_engine_args(tiny_checkpoints):
     assert WeightTransferConfig(backend="nccl").backend == "nccl"
     assert "nccl" in WeightTransferEngineFactory._registry and "nccl" in WeightTransferTrainerFactory._registry
     args = engine_args(str(tiny_checkpoints["slm"]), tensor_parallel_size=4, dtype="bfloat16", enforce_eager=True,
-                       max_model_len=2048)
+                       max_model_len=2048, cpu=False)
     for cls in (EngineArgs, AsyncEngineArgs):
         built = cls(**args)
         assert isinstance(built.weight_transfer_config, WeightTransferConfig)
         assert built.weight_transfer_config.backend == "nccl"
         assert built.distributed_executor_backend == "mp" and built.tensor_parallel_size == 4
+        assert built.gpu_memory_utilization == 0.85 and built.kv_cache_memory_bytes is None
+    # vLLM's CPU build: a KV-cache byte budget (never a share of the machine's memory), eager, no transfer backend
+    cpu = EngineArgs(**engine_args(str(tiny_checkpoints["slm"]), kv_cache_bytes=2**27, cpu=True))
+    assert cpu.kv_cache_memory_bytes == 2**27 and cpu.enforce_eager and cpu.weight_transfer_config is None
+    assert "gpu_memory_utilization" not in engine_args(str(tiny_checkpoints["slm"]), cpu=True)
+    with pytest.raises(ValueError, match="needs GPUs"):
+        engine_args(str(tiny_checkpoints["slm"]), tensor_parallel_size=2, cpu=True)
 
 
 def _completion(i: int, finished: bool = True):

@@ -17,6 +17,11 @@ class EngineInputError(ValueError):
     """The request cannot be served as given (bad prompt, too long for the context): a client error."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine can no longer serve (e.g. vLLM's engine core process died): not the request's fault; the
+    replica holding it reports unhealthy and is replaced."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings shared by every backend (the vLLM names)."""

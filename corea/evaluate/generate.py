@@ -5,8 +5,11 @@ Questions become rows (dataset, group, id, gold, kind, messages as JSON, seed). 
 - transformers (anywhere): ``ds.map_batches(GenerateBatch, compute=ActorPoolStrategy(size=...))``, an actor pool
   each holding an engine; one call per question draws its k runs as n=k samples seeded with the question's
   seed, so run r of a question is the same whatever the batching.
-- vLLM (where installed): ``ray.data.llm`` with a ``vLLMEngineProcessorConfig``; rows are first expanded to one
-  per (question, run), each with its own seed, since the processor draws one sample per row.
+- vLLM on GPUs: ``ray.data.llm`` with a ``vLLMEngineProcessorConfig``; rows are first expanded to one per
+  (question, run), each with its own seed, since the processor draws one sample per row.
+- vLLM without GPUs (``num_gpus`` 0, vLLM's CPU build): the actor pool above holding our ``VLLMEngine``. Ray 2.60's
+  ``ray.data.llm`` processor asks Ray for one GPU per engine replica whatever its engine arguments, so on a
+  cluster without GPUs it waits forever.
 
 Both are followed by ``grade_batch`` tasks (parse, grade) and read back with a tqdm bar over rows and datasets.
 """
@@ -77,7 +80,7 @@ _CARRY = ("dataset", "group", "id", "gold", "kind")
 
 
 class GenerateBatch:
-    """Ray Data callable class: a transformers engine; each question row becomes ``runs`` output rows."""
+    """Ray Data callable class: an engine of ``job.backend``; each question row becomes ``runs`` output rows."""
 
     def __init__(self, job: GenerationJob):
         import torch
@@ -86,7 +89,7 @@ class GenerateBatch:
 
         torch.set_num_threads(max(1, int(job.num_cpus)))
         self.job = job
-        self.engine = load_engine(job.model_path, "transformers", **job.options)
+        self.engine = load_engine(job.model_path, job.backend, **job.options)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from corea.engines import SamplingParams
@@ -229,9 +232,9 @@ def generate(job: GenerationJob, records: Sequence[Record], progress: bool = Tru
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items(question_rows(records, job.style, job.seed))
-    if job.backend == "vllm":
+    if job.backend == "vllm" and job.num_gpus > 0:
         ds = vllm_processor(job)(ds.flat_map(partial(expand_runs, runs=job.runs)))
-    elif job.backend == "transformers":
+    elif job.backend in ("transformers", "vllm"):
         ds = ds.map_batches(GenerateBatch, fn_constructor_kwargs={"job": job},
                             compute=ray.data.ActorPoolStrategy(size=job.concurrency),
                             batch_size=job.batch_size, batch_format="pandas", num_cpus=job.num_cpus,

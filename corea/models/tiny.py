@@ -43,10 +43,12 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-#: Architecture of each size (Qwen2Config fields). Parameters: slm ~0.2 M, llm ~0.9 M (float32).
+#: Architecture of each size (Qwen2Config fields). Parameters: slm ~0.2 M, llm ~0.9 M (float32). Every size has
+#: head_dim = hidden_size / num_attention_heads >= 32, the smallest head size vLLM's CPU attention backend takes
+#: (it supports 32, 64, 80, 96, 112, 128, ...), so every engine runs every checkpoint.
 SIZES: dict[str, dict[str, int]] = {
-    "slm": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2),
+    "slm": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1),
     "llm": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2),
 }

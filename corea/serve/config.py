@@ -118,6 +118,9 @@ class TierConfig(DeploymentConfig):
     model_seed: int = 0  # tiny checkpoints only
     backend: Literal["transformers", "vllm"] = "transformers"
     tensor_parallel_size: int = Field(1, ge=1)
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="vllm: 'gpu' (a replica owns tensor_parallel_size GPUs) or 'cpu' (vLLM's CPU build, "
+        "no GPU, KV cache from engine_options.kv_cache_bytes)")
     engine_options: dict[str, Any] = Field(default_factory=dict)  # passed to load_engine
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (transformers)")
@@ -128,10 +131,15 @@ class TierConfig(DeploymentConfig):
             raise ValueError("set tensor_parallel_size on the tier, not in engine_options")
         if self.backend == "transformers" and self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs backend: vllm")
-        if self.backend == "vllm" and self.resources.num_gpus != self.tensor_parallel_size:
+        if self.backend == "vllm" and self.device == "cpu":
+            if self.resources.num_gpus or self.tensor_parallel_size != 1:
+                raise ValueError("device: cpu runs vLLM's CPU build: resources.num_gpus must be 0 and "
+                                 "tensor_parallel_size 1")
+        elif self.backend == "vllm" and self.resources.num_gpus != self.tensor_parallel_size:
             raise ValueError(
                 f"resources.num_gpus ({self.resources.num_gpus:g}) must equal tensor_parallel_size "
-                f"({self.tensor_parallel_size}): a replica owns its tensor-parallel group's GPUs"
+                f"({self.tensor_parallel_size}): a replica owns its tensor-parallel group's GPUs "
+                "(set device: cpu to run vLLM's CPU build without GPUs)"
             )
         return self
 

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from corea.collab.tiers import sampling_params
-from corea.engines.base import EngineInputError
+from corea.engines.base import EngineInputError, EngineUnavailable
 from corea.serve.batching import MicroBatcher
 from corea.serve.cascade import Cascade, TierOverloaded, TierRejected, TierUnavailable
 from corea.serve.config import ServeConfig, TierConfig
@@ -73,8 +73,12 @@ class TierServer:
         return sampling, n_in
 
     def _run(self, prompts: list, sampling) -> list[dict[str, Any]]:
+        return self._outputs(self.engine.generate(prompts, sampling))
+
+    @staticmethod
+    def _outputs(generations) -> list[dict[str, Any]]:
         out = []
-        for gen in self.engine.generate(prompts, sampling):
+        for gen in generations:
             sample = gen.samples[0]
             out.append({"text": sample.text, "prompt_tokens": gen.prompt_tokens,
                         "completion_tokens": sample.output_tokens, "finish_reason": sample.finish_reason})
@@ -112,10 +116,21 @@ class TierServer:
         return results
 
     async def generate_one(self, messages, sampling) -> dict[str, Any]:
+        """One request; on an engine with ``agenerate`` (vLLM) awaited on the engine itself, so that a cancelled
+        request (client gone, cascade timeout) is aborted inside the engine, not decoded to ``max_tokens``."""
         try:
+            if hasattr(self.engine, "agenerate"):
+                return self._outputs(await self.engine.agenerate([messages], sampling))[0]
             return (await asyncio.get_running_loop().run_in_executor(self._pool, self._run, [messages], sampling))[0]
         except EngineInputError as exc:
             return {"error": str(exc)}
+
+    def check_health(self) -> None:
+        """Serve's health check: raises when the engine can no longer serve (e.g. vLLM's engine process died),
+        so that Serve replaces this replica."""
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
 
     def _continue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
         import time as _time
@@ -133,7 +148,21 @@ class TierServer:
                             ) -> dict[str, Any]:
         """Continue the assistant message after ``prefix`` (one step, up to ``stop``), with each token's
         probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take."""
+        if hasattr(self.engine, "acontinue_prompts"):  # cancellable inside the engine, as generate_one
+            return await self._acontinue(messages, prefix, params)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, params)
+
+    async def _acontinue(self, messages, prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+        import time as _time
+
+        from corea.collab.tiers import to_output
+
+        start = _time.perf_counter()
+        try:
+            gens = await self.engine.acontinue_prompts([(messages, prefix)], sampling_params(params))
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return {**to_output(gens[0]), "gen_s": _time.perf_counter() - start}
 
     async def stream(self, messages: list[dict[str, str]], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """``{"delta": text}`` items, then ``{"usage", "finish_reason"}``. Completion tokens are counted by
@@ -162,6 +191,9 @@ def tier_error(tier: str, exc: BaseException) -> Exception:
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, EngineUnavailable):  # the replica's engine died; Serve's health check replaces it
+        log.warning("%s tier engine unavailable: %s", tier, _reason(cause))
+        return TierUnavailable(tier, "its engine is restarting")
     if isinstance(cause, EngineInputError) or isinstance(exc, EngineInputError):
         return TierRejected(str(cause if isinstance(cause, EngineInputError) else exc.args[0]))
     if isinstance(exc, BackPressureError) or isinstance(cause, BackPressureError):
