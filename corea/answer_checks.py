@@ -1,15 +1,17 @@
 """Cheap, in-process answer checks of ``corea.grading``: gold rules, the pre-screen, multiple choice.
 
-- ``math_gold_text``: the string math-verify parses for a math gold (``\\boxed{gold}``).
+- ``math_gold_text``: the string math-verify parses for a math gold (the gold as written, or ``\\boxed{gold}``).
 - ``prescreen``: an expression that would make sympy hang is rejected in microseconds, by its text alone.
-- ``extract_choice`` / ``normalize_choice_gold``: the option letter of a response, as evaluation harnesses read
-  it, and of a gold written ``X``, ``(X) text`` or ``X text``.
+- ``extract_choice`` / ``choice_gold_letter``: the option letter of a response, as evaluation harnesses read
+  it, and of a gold (``normalize_choice_gold``, the loaders' check: ``X``, ``(X) text`` or ``X text``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+from corea import grading_fast
 
 KINDS = ("math", "choice")
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -52,13 +54,47 @@ def _closing_brace(s: str, start: int = 0) -> int | None:
 
 
 _MATH_WRAP = re.compile(r"^(?:\$\$([^$]*)\$\$|\$([^$]*)\$|\\\((.*)\\\)|\\\[(.*)\\\])$", re.DOTALL)
+_DELIMITED = ("latexDisplayDollar", "latexDisplayBracket", "latexInlineDollar", "latexInlineParenthesis", "latexBoxed")
+_TOKEN_EDGES = ".,;:!?()[]{}\"'*"
+_CONNECTIVES = ("and",)  # math-verify reads "3 and 5" in a box as the set {3, 5}
+_COMMAND_ARGUMENT = re.compile(r"\\[A-Za-z]+\s*\{[^{}]*\}")  # \text{ square inches}: the box normalizes it
+
+
+def _prose(gold: str) -> bool:
+    """Whether the gold holds a word: a whitespace-separated token of three or more letters ("odd $n$",
+    "4 solutions"), "and" and a LaTeX command's argument excepted; "\\sqrt", "sin(x)" or "cm^2" are not words."""
+    for token in _COMMAND_ARGUMENT.sub(" ", gold).split():
+        token = token.strip(_TOKEN_EDGES)
+        if len(token) >= 3 and token.isalpha() and token.lower() not in _CONNECTIVES:
+            return True
+    return False
+
+
+def _as_written(gold: str, match, priority: int) -> bool:
+    """Whether math-verify's reading of the gold as written is the gold's meaning (see ``math_gold_text``)."""
+    groups = {name: value for name, value in match.groupdict().items() if value}
+    if priority < 300 or any(name.split("_", 1)[1] in _DELIMITED for name in groups if name.startswith("first_")):
+        return True  # anchored, boxed or delimited: the gold marks its own answer
+    if _prose(gold):
+        return True
+    whole = not gold[: match.start()].strip() and not gold[match.end() :].strip(" .")
+    return whole and not groups.get("decimal2", "").startswith(",")  # "2,3" is a list, not 2.3
 
 
 def math_gold_text(gold: str) -> str:
-    """What math-verify parses for a gold answer: ``\\boxed{gold}`` (its boxed extraction and normalization
-    apply), or ``$gold$`` when the braces do not balance; a whole-string ``$...$``, ``\\(...\\)`` or
-    ``\\[...\\]`` around the gold is removed first. ``grade_answer`` wraps a bare answer the same way."""
+    """The string math-verify parses for a math gold: the gold as written, or ``\\boxed{gold}``.
+
+    As written, as plain math-verify reads it, when its first match (math-verify's order) is anchored or
+    delimited ("answer is 10000", ``odd $n$``, ``\\boxed{5}``), when the gold is prose ("4 solutions"), or when
+    that match is the whole gold (``10/9``, ``2**(1/4)``; not a comma decimal such as ``2,3``, read as a list).
+    Boxed otherwise: when math-verify finds nothing in it (``\\$10``, ``\\dfrac{1}{3}``) or only a fragment of a
+    bare expression (``3\\sqrt{2}`` would read as 3, ``10, 4, -2`` as -2); a whole-string ``$...$``,
+    ``\\(...\\)`` or ``\\[...\\]`` is removed first, and ``$gold$`` replaces the box when the braces do not
+    balance. ``grade_answer`` reads a bare answer the same way."""
     gold = gold.strip()
+    found = grading_fast.first_match(gold)
+    if found is not None and _as_written(gold, found[0], found[2]):
+        return gold
     if m := _MATH_WRAP.match(gold):
         gold = next(g for g in m.groups() if g is not None).strip()
     if _closing_brace("{" + gold + "}") == len(gold) + 1:
@@ -68,17 +104,28 @@ def math_gold_text(gold: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- choice
 _L = f"[{CHOICE_LETTERS}]"
+# The word "answer" in the languages of lighteval's translation literals (English is "answer is", below);
+# words of scripts written without spaces match inside a sentence, the others only at a word start.
+_ANSWER_WORDS = ("إجابة", "яуап", "erantzuna", "адказ", "উত্তর", "отговор", "resposta", "tubag", "odgovor",
+                 "odpověď", "svar", "antwoord", "vastus", "vastaus", "réponse", "antwort", "απάντηση", "જવાબ",
+                 "उत्तर", "válasz", "jawaban", "risposta", "одговор", "odpowiedź", "ਜਵਾਬ", "răspuns", "ответ",
+                 "ၶေႃႈတွပ်ႇ", "odpoveď", "respuesta", "jibu", "sagot", "பதில்", "җавап", "జవాబు", "cevap",
+                 "валэктон", "відповідь", "جواب", "javob", "trả lời")
+_UNSPACED_WORDS = ("答案", "回答", "คำตอบ")
+_ANSWER_WORD = rf"(?:(?<![^\W\d_])(?:{'|'.join(_ANSWER_WORDS)})|{'|'.join(_UNSPACED_WORDS)})"
+_CJK = "\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # ideographs, kana, full-width forms
 _GOLD_LETTER = re.compile(rf"\(({_L})\)(?:\s+\S.*)?|({_L})(?:[.):]?\s+\S.*|[.):]?)", re.DOTALL)
 _BOXED_LETTER = re.compile(rf"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{{)?\s*\(?({_L})\)?\s*\}}?\s*(?:[.:)]\s*\S.*)?", re.DOTALL)
-_ANSWER_IS = re.compile(rf"(?i:answer\s+is)\b[^\n.]{{0,40}}?(?<![A-Za-z])\(?({_L})\)?(?![A-Za-z0-9])")
-_ANSWER_COLON = re.compile(rf"(?i:answer)\s*:\s*(?:\*\*)?\s*\(?({_L})\)?(?![A-Za-z0-9])")
-_LEADING = re.compile(rf"\s*(?:\*\*)?\s*(?:\(({_L})\)|({_L})(?:[.):]|\s*$))")
+_ANSWER_IS = re.compile(rf"(?i:answer\s+is\b|{_ANSWER_WORD})[^\n.。।۔]{{0,40}}?"
+                        rf"(?<![A-Za-z])\(?({_L})\)?(?![A-Za-z0-9])")
+_ANSWER_COLON = re.compile(rf"(?i:answer|{_ANSWER_WORD})\s*[:：]\s*(?:\*\*)?\s*\(?({_L})\)?(?![A-Za-z0-9])")
+_LEADING = re.compile(rf"\s*(?:\*\*)?\s*(?:\(({_L})\)|({_L})(?:[.):।۔]|(?=[{_CJK}])|\s*$))")
 _STANDALONE = re.compile(rf"(?<![A-Za-z0-9\\])\(?({_L})\)?(?![A-Za-z0-9])")
 
 
 def normalize_choice_gold(gold: str) -> str:
     """The letter of a multiple-choice gold written ``X``, ``(X) text`` or ``X text`` (also ``X.``/``X)``);
-    a bare lowercase letter is accepted. Anything else raises ``ValueError``."""
+    a bare lowercase letter is accepted. Anything else raises ``ValueError`` (the loaders' check)."""
     text = str(gold).strip()
     if len(text) == 1 and text.upper() in CHOICE_LETTERS:
         return text.upper()
@@ -87,10 +134,21 @@ def normalize_choice_gold(gold: str) -> str:
     raise ValueError(f"a choice gold must be a letter A-J, '(X) text' or 'X text', got {gold!r}")
 
 
+def choice_gold_letter(gold: str | None) -> str | None:
+    """The letter grading compares with: ``normalize_choice_gold``'s, else the letter a free-text gold states,
+    read as a response is (``"Alina and the answer is\\n(C) Cecile"``: C); None when it names none."""
+    try:
+        return normalize_choice_gold(gold)
+    except ValueError:
+        return extract_choice(gold)
+
+
 def extract_choice(response: str | bytes | None) -> str | None:
     """The option letter a response chooses, read as evaluation harnesses read it, first rule that applies:
-    a letter in the last ``\\boxed{}``; the last "answer is X" (a few words may come between); the last
-    "answer: X"; a leading "X." / "X)" / "(X)" (or the whole response "X"); the last standalone letter A-J."""
+    a letter in the last ``\\boxed{}``; the last "answer is X" (a few words may come between), or "X" after the
+    word "answer" in another language of lighteval's (``réponse est C``, ``答案是C``); the last "answer: X"; a
+    leading "X." / "X)" / "(X)" (or the whole response "X", or "X" before a CJK character or full stop:
+    ``B。不是 A``); the last standalone letter A-J."""
     from corea.protocol import parse_response
 
     text = _clean(response)

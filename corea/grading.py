@@ -5,8 +5,10 @@ Kinds: ``"math"`` and ``"choice"``.
 Math: the verdict is math-verify's on the WHOLE response, ``verify(parse(gold_text), parse(response))`` with
 its default extraction (boxed answers first, then "final answer"/"answer:" anchors, then any LaTeX environment
 and any plain number; several boxes close together are read as one set) and ``gold_text =
-math_gold_text(gold)`` (``\\boxed{gold}``). The last-box answer of ``corea.protocol.parse_response`` is what
-the cascade shows and what the format reward checks; correctness does not need a box. Accelerations, none of
+math_gold_text(gold)``: the gold as written, as plain math-verify reads it, unless math-verify would find
+nothing in it or only a fragment of a bare expression (``3\\sqrt{2}`` as 3), then ``\\boxed{gold}``. The
+last-box answer of ``corea.protocol.parse_response`` is what the cascade shows and what the format reward
+checks; correctness does not need a box. Accelerations, none of
 which changes math-verify's verdict:
 
 1. Fast path, in-process (``corea.grading_fast``): math-verify's own regexes find the match it would try
@@ -27,8 +29,9 @@ which changes math-verify's verdict:
    batch's screening overlaps the pool's work on its earlier chunks. Grading works from any thread, asyncio
    loop, Ray actor or Serve replica. Model output is only read by math-verify's parser, never run as code.
 
-Choice: the letter of ``corea.answer_checks.extract_choice`` (boxed letter, "answer is X", "answer: X", a
-leading "X.", the last standalone letter) against the gold's letter (``normalize_choice_gold``).
+Choice: the letter of ``corea.answer_checks.extract_choice`` (boxed letter, "answer is X" in the languages of
+lighteval's literals, "answer: X", a leading "X.", the last standalone letter) against the gold's letter
+(``choice_gold_letter``: ``X``, ``(X) text``, or the letter a free-text gold states; none: every response False).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from corea.answer_checks import (  # noqa: F401 (the limits and checks are part 
     MAX_RESPONSE_CHARS,
     _clean,
     _limits,
+    choice_gold_letter,
     extract_choice,
     math_gold_text,
     normalize_choice_gold,
@@ -107,7 +111,7 @@ class Grader:
         return self.grade_groups([([response], gold, kind)])[0][0]
 
     def grade_answer(self, answer: str | bytes | None, gold: str, kind: str = "math") -> bool:
-        """Grade a bare answer: a math answer is wrapped like a gold (``\\boxed{answer}``)."""
+        """Grade a bare answer: a math answer is read like a gold (``math_gold_text``)."""
         answer = _clean(answer)
         if kind == "math" and answer:
             answer = math_gold_text(answer)
@@ -139,8 +143,8 @@ class Grader:
             if kind not in KINDS:
                 raise ValueError(f"unknown answer kind {kind!r}; choose from {KINDS}")
             if kind == "choice":
-                letter = normalize_choice_gold(gold)
-                verdicts.append([extract_choice(r) == letter for r in responses])
+                letter = choice_gold_letter(gold)
+                verdicts.append([letter is not None and extract_choice(r) == letter for r in responses])
                 continue
             prepared, row = self._gold(_clean(gold) or ""), []
             for ri, response in enumerate(map(_clean, responses)):
@@ -298,7 +302,7 @@ def grade(response: str | bytes | None, gold: str, kind: str = "math") -> bool:
 
 
 def grade_answer(answer: str | bytes | None, gold: str, kind: str = "math") -> bool:
-    """Grade a bare answer (wrapped as ``\\boxed{answer}``) against ``gold``."""
+    """Grade a bare answer (read like a gold, ``math_gold_text``) against ``gold``."""
     return get_grader().grade_answer(answer, gold, kind)
 
 

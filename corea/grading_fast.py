@@ -63,14 +63,21 @@ def _load():
     return sympy, normalize_latex, parser, grader, groups
 
 
-def first_candidate(text: str):
-    """(match, extraction config) of the first match math-verify's ``parse`` tries on ``text``; None if none."""
+def first_match(text: str):
+    """(match, extraction config, priority) of the first match math-verify's ``parse`` tries on ``text``;
+    None if none. Priorities below 300 are anchored ("final answer", "answer") or boxed."""
     for group in _mv()[4]:
         matches = [(m, m.start(), m.end(), t) for p, t, _ in group for m in p.finditer(text)]
         if matches:
             matches.sort(key=lambda x: (x[2], -x[1]), reverse=True)  # as math-verify: rightmost end first
-            return matches[0][0], matches[0][3]
+            return matches[0][0], matches[0][3], group[0][2]
     return None
+
+
+def first_candidate(text: str):
+    """(match, extraction config) of the first match math-verify's ``parse`` tries on ``text``; None if none."""
+    found = first_match(text)
+    return None if found is None else found[:2]
 
 
 def candidate_strings(match, target) -> list[tuple[str, bool]]:

@@ -98,7 +98,7 @@ def test_whole_responses():
         ("10", r"10\%", True), ("0.1", r"10\%", True), ("75", "0.75", False), ("2", "2.000001", False),
         (r"\frac{1}{3}", "0.333333", True), (r"\frac{1}{3}", "0.33", False), ("30", r"30^\circ", True),
         ("5", r"5\,\text{cm}", True), ("7", "07", True), ("No", r"\textbf{No}", True),
-        (r"\text{(C)}", "C", True), (r"\text{(C)}", "(D)", False), ("18", "18.", False), ("-7", "-7.0", True),
+        (r"\text{(C)}", "C", True), (r"\text{(C)}", "(D)", False), ("18", "18.", True), ("-7", "-7.0", True),
     ],
 )
 def test_fast_path_follows_math_verify(gold, answer, expected):
@@ -133,13 +133,15 @@ def test_choice_full_response_and_letters_up_to_j():
     assert grade_answer("C", "(C)", "choice")
 
 
-def test_bad_kind_and_bad_choice_gold():
+def test_bad_kind_and_free_text_choice_golds():
     with pytest.raises(ValueError):
         grade_answer("1", "1", "essay")
     with pytest.raises(ValueError):
         grade_groups([(["1"], "1", "unknown")])
-    with pytest.raises(ValueError):
-        grade_answer("A", "bank", "choice")
+    # a free-text gold is a verdict, never an exception: its letter as a response's is read, or none at all
+    assert not grade_answer("A", "bank", "choice") and not grade_answer("B", "bank", "choice")
+    assert grade("C", "Alina and the answer is\n(C) Cecile", "choice")
+    assert not grade("A", "Alina and the answer is\n(C) Cecile", "choice")
 
 
 # ------------------------------------------------------------------------------------- pathological
