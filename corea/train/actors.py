@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import ray
 
 from corea.engines import SamplingParams, load_engine
+from corea.models.loading import resolve_model_path
 from corea.train.policy import Policy, ReferenceModel
 from corea.train.reward_actor import RewardActor  # noqa: F401 (its own light module: see there)
 
@@ -26,7 +27,8 @@ class RolloutWorker:
     """Generates groups: ``generate`` returns, per prompt, n samples as plain dicts."""
 
     def __init__(self, model_path: str, backend: str = "transformers", options: dict | None = None):
-        self.engine = load_engine(model_path, backend=backend, **(options or {}))
+        # a URI or Hub id becomes a folder on this node (vLLM takes no s3:// model)
+        self.engine = load_engine(resolve_model_path(model_path), backend=backend, **(options or {}))
         self.weights_version = 0  # transformers engines; vLLM keeps its own (``weight_version``)
 
     def generate(self, prompts: Sequence[Any], params: SamplingParams) -> list[dict]:
