@@ -2,8 +2,8 @@
 
 What runs for real: Ray 2.60's config preparation and resource detection (`_bootstrap_config`: prepare_config,
 fillout_available_node_types_resources, validate_config, bootstrap_aws), the AWS node provider's
-`create_node`, `get_or_create_head_node` (the head's updater) and the autoscaler's `RayInstaller` (a worker's
-updater), all against moto. Only SSH is absent: the updaters get a process runner that records the ssh and
+`create_node`, `get_or_create_head_node` (the head's updater) and the v1 autoscaler's `spawn_updater` (a
+worker's updater, as `ray up`'s head autoscaler runs it), all against moto. Only SSH is absent: the updaters get a process runner that records the ssh and
 rsync command lines instead of running them, and the assertions read those lines.
 
 moto creates the 16 interfaces in the given subnet and group but keeps neither `NetworkCardIndex` nor
@@ -36,9 +36,9 @@ from ray.autoscaler.tags import (
     TAG_RAY_NODE_NAME,
     TAG_RAY_USER_NODE_TYPE,
 )
-from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
-from ray.autoscaler.v2.instance_manager.ray_installer import RayInstaller
-from ray.core.generated.instance_manager_pb2 import Instance
+from ray.autoscaler._private.autoscaler import StandardAutoscaler
+from ray.autoscaler._private.node_tracker import NodeTracker
+from ray.autoscaler._private.util import hash_runtime_conf
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = (ROOT / "cluster.yaml").read_text()
@@ -155,7 +155,7 @@ def test_ray_up_bootstrap_accepts_the_config_and_opens_nothing_to_the_internet(a
     groups = aws.ec2.describe_security_groups()["SecurityGroups"]
     assert {g["GroupId"] for g in groups} == aws.groups_before
     assert not [p for g in groups for p in _ingress_to_world(g)]
-    # the head's role as Ray creates it (the README's checklist adds SSM read access for `resolve:ssm:`)
+    # the head's role as Ray creates it: EC2 (to launch workers) and S3
     policies = boto3.client("iam").list_attached_role_policies(RoleName="ray-autoscaler-v1")["AttachedPolicies"]
     assert {p["PolicyName"] for p in policies} == {"AmazonEC2FullAccess", "AmazonS3FullAccess"}
 
@@ -166,7 +166,11 @@ def test_node_resources_are_what_ray_detects_for_the_instance_types(aws):
         node_type["resources"] = {}
     detected = AWSNodeProvider.fillout_available_node_types_resources(blank)["available_node_types"]
     for name, node_type in aws.raw_config["available_node_types"].items():
-        assert node_type["resources"] == {k: v for k, v in detected[name]["resources"].items() if k != "memory"}
+        expected = {k: v for k, v in detected[name]["resources"].items() if k != "memory"}
+        if name == aws.raw_config["head_node_type"]:
+            assert expected == {"CPU": 32}
+            expected["CPU"] = 0  # by design: the head offers no CPU for work (cluster.yaml)
+        assert node_type["resources"] == expected
     assert aws.raw_config["available_node_types"]["gpu_p5en"]["resources"]["accelerator_type:H200"] == 1
 
 
@@ -198,8 +202,8 @@ def test_gpu_workers_get_all_16_efa_interfaces_in_the_given_subnet_and_group(aws
     # subnet and groups live on the interfaces only (EC2 rejects them at both levels)
     assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(request)
     assert request["Placement"] == {"GroupName": PLACEHOLDERS["placement_group"]}
-    assert request["ImageId"] == aws.raw_config["available_node_types"]["gpu_p5en"]["node_config"]["ImageId"]
-    assert request["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/")
+    assert request["ImageId"] == PLACEHOLDERS["ami"]  # pinned by ID in the metadata block
+    assert not {"InstanceMarketOptions", "CapacityReservationSpecification"} & set(request)  # off by default
     # what moto keeps of the launch: the node sits in the private subnet, in the group, without public IP
     (instance,) = aws.ec2.describe_instances(InstanceIds=[node_id])["Reservations"][0]["Instances"]
     assert instance["SubnetId"] == aws.subnet and "PublicIpAddress" not in instance
@@ -209,6 +213,18 @@ def test_gpu_workers_get_all_16_efa_interfaces_in_the_given_subnet_and_group(aws
                         for e in enis)
     # moto creates all 16 in the subnet and group, though it records each as card 0 of type "interface"
     assert len(enis) == 16
+
+
+def test_capacity_block_reaches_the_launch_request(aws):
+    """The optional block, switched on as its comment says, passes Ray's bootstrap and goes into RunInstances."""
+    text = RAW.replace(PLACEHOLDERS["subnet"], aws.subnet).replace(PLACEHOLDERS["security_group"], aws.group)
+    config = commands._bootstrap_config(yaml.safe_load(text.replace("# <<: *capacity_block", "<<: *capacity_block")),
+                                        no_config_cache=True)
+    _, request = _create(types.SimpleNamespace(config=config, requests=aws.requests), "gpu_p5en")
+    block = yaml.safe_load(RAW)["metadata"]["optional"]["capacity_block"]
+    assert request["InstanceMarketOptions"] == {"MarketType": "capacity-block"}
+    assert request["CapacityReservationSpecification"] == block["CapacityReservationSpecification"]
+    assert request["InstanceType"] == "p5en.48xlarge" and len(request["NetworkInterfaces"]) == 16
 
 
 def test_head_is_launched_in_the_subnet_and_group_with_rays_role(aws):
@@ -228,6 +244,27 @@ def _pip_pins(commands_: list[str], package: str) -> set[str]:
             if version and name.split("[")[0] == package:
                 pins.add(version)
     return pins
+
+
+def _v1_worker_update(config: dict, provider, worker_id: str, runner) -> None:
+    """What the head's v1 autoscaler (`ray up`'s default) does for a new worker: `update_nodes` takes the node
+    type's worker_setup_commands and the worker start commands, and `spawn_updater` runs a NodeUpdaterThread.
+    The autoscaler's state is filled in as its `reset` fills it from ~/ray_bootstrap_config.yaml."""
+    scaler = StandardAutoscaler.__new__(StandardAutoscaler)
+    scaler.config, scaler.provider, scaler.process_runner = config, provider, runner
+    scaler.available_node_types = config["available_node_types"]
+    scaler.runtime_hash, scaler.file_mounts_contents_hash = hash_runtime_conf(
+        config["file_mounts"], config["cluster_synced_files"],
+        [config["worker_setup_commands"], config["worker_start_ray_commands"]])
+    scaler.node_tracker, scaler.updaters = NodeTracker(), {}
+    scaler.non_terminated_nodes = types.SimpleNamespace(
+        head_id=provider.non_terminated_nodes({TAG_RAY_NODE_KIND: "head"})[0])
+    scaler.spawn_updater(worker_id, scaler._get_node_type_specific_fields(worker_id, "worker_setup_commands"),
+                         config["worker_start_ray_commands"], scaler._node_resources(worker_id),
+                         scaler._node_labels(worker_id), {})
+    updater = scaler.updaters[worker_id]
+    updater.join(timeout=240)
+    assert not updater.is_alive() and updater.exitcode == 0, getattr(updater, "output", "")
 
 
 @pytest.mark.timeout(300)
@@ -257,9 +294,7 @@ def test_head_and_worker_updaters_mount_the_token_turn_auth_on_and_pin_ray(aws, 
 
     worker_id, _ = _create(aws, "gpu_p5en", provider)
     worker_runner = RecordingRunner()
-    instance = Instance(cloud_instance_id=worker_id, instance_type="gpu_p5en")
-    RayInstaller(provider, AutoscalingConfig(remote_config), process_runner=worker_runner).install_ray(
-        instance, head_ip)
+    _v1_worker_update(remote_config, provider, worker_id, worker_runner)
     assert worker_runner.files[TOKEN_ON_NODE] == (aws.laptop / ".ray" / "auth_token").read_text()
     worker_commands = worker_runner.remote_commands()
 
@@ -273,6 +308,16 @@ def test_head_and_worker_updaters_mount_the_token_turn_auth_on_and_pin_ray(aws, 
         assert _pip_pins(node_commands, "ray") == {ray.__version__}
         assert _pip_pins(node_commands, "torch") == {"2.13.0"}
     assert any("pip install" in c and "boto3" in c for c in head_commands)
+    for node_commands in (head_commands, worker_commands):  # python3-venv before the venv is made
+        apt = next(i for i, c in enumerate(node_commands) if "install -y -qq python3-venv" in c)
+        assert apt < next(i for i, c in enumerate(node_commands) if "python3 -m venv" in c)
+    # NCCL over EFA: written on the GPU worker before `ray start`, not on the head
+    efa = next(i for i, c in enumerate(worker_commands) if "export FI_PROVIDER=efa" in c)
+    assert efa < next(i for i, c in enumerate(worker_commands) if "ray start --address" in c)
+    assert not any("FI_PROVIDER" in c for c in head_commands)
+    # the head advertises no CPU to `ray start`; the worker the resources of its node type
+    head_start = next(c for c in head_commands if "ray start --head" in c)
+    assert "RAY_OVERRIDE_RESOURCES='{\"CPU\":0}'" in head_start.replace(" ", "")
     assert f"export RAY_HEAD_IP={head_ip};" in next(c for c in worker_commands if "ray start --address" in c)
 
 

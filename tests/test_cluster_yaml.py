@@ -26,6 +26,7 @@ def test_schema_valid():
 def test_node_types_and_scaling():
     types = CONFIG["available_node_types"]
     assert CONFIG["head_node_type"] == "head" and "GPU" not in types["head"]["resources"]
+    assert types["head"]["resources"]["CPU"] == 0  # CPU work (reward actors, Ray Data, Serve replicas) on workers
     gpu = types["gpu_p5en"]
     assert gpu["node_config"]["InstanceType"] == "p5en.48xlarge"
     assert gpu["resources"]["GPU"] == 8 and gpu["resources"]["accelerator_type:H200"] == 1
@@ -50,10 +51,52 @@ def test_placeholders_are_named_once_and_used_everywhere():
     assert "security_group" not in CONFIG["provider"] and CONFIG["provider"]["use_internal_ips"] is True
 
 
-def test_images_are_resolved_by_ec2_from_the_deep_learning_base_ami_parameter():
+def test_every_node_runs_the_ami_pinned_once_in_the_metadata_block():
     images = {t["node_config"]["ImageId"] for t in CONFIG["available_node_types"].values()}
-    assert images == {
-        "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"}
+    assert images == {PLACEHOLDERS["ami"]} and PLACEHOLDERS["ami"].startswith("ami-")
+    assert "resolve:ssm:" not in RAW.replace("# ", "")  # the SSM parameter is only named, to look an ID up
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in RAW
+
+
+def test_setup_installs_python3_venv_before_making_the_venv():
+    """Ubuntu's python3 has no ensurepip until python3-venv is installed; a venv made without it has no pip."""
+    commands = [c for c in prepare_config(CONFIG)["worker_setup_commands"]]
+    apt = next(i for i, c in enumerate(commands) if "apt-get" in c and "install" in c and "python3-venv" in c)
+    venv = next(i for i, c in enumerate(commands) if "python3 -m venv" in c)
+    assert apt < venv and "import ensurepip" in commands[apt] and "bin/pip" in commands[venv]
+    done = subprocess.run(["bash", "-n", "-c", "; ".join(commands)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_gpu_workers_export_nccl_efa_settings_for_ray_start(tmp_path):
+    """The worker setup writes the EFA / aws-ofi-nccl environment and ~/.bashrc sources it (Ray runs every
+    command, `ray start` too, after `source ~/.bashrc`)."""
+    home = tmp_path / "node"
+    home.mkdir()
+    (home / ".bashrc").write_text("")
+    efa = [c for c in CONFIG["worker_setup_commands"] if "nccl-efa" in c]
+    for command in efa * 2:  # idempotent
+        subprocess.run(["bash", "-c", command], env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, check=True)
+    shown = subprocess.run(["bash", "-c", "source ~/.bashrc; env"], env={"HOME": str(home), "PATH": "/usr/bin:/bin",
+                                                                        "LD_LIBRARY_PATH": "/x"},
+                           capture_output=True, text=True, check=True).stdout
+    env = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["NCCL_SOCKET_IFNAME"] == "^lo,docker" and env["NCCL_DEBUG"] == "WARN"
+    paths = env["LD_LIBRARY_PATH"].split(":")
+    assert "/opt/amazon/ofi-nccl/lib" in paths and "/opt/amazon/efa/lib" in paths and paths[-1] == "/x"
+    assert (home / ".bashrc").read_text().count("corea-nccl-efa") == 1
+
+
+def test_capacity_block_is_an_optional_block_for_the_gpu_nodes():
+    block = CONFIG["metadata"]["optional"]["capacity_block"]
+    assert block["InstanceMarketOptions"] == {"MarketType": "capacity-block"}
+    assert block["CapacityReservationSpecification"]["CapacityReservationTarget"]["CapacityReservationId"]
+    assert "# <<: *capacity_block" in RAW  # off by default: one uncommented line turns it on
+    with_block = yaml.safe_load(RAW.replace("# <<: *capacity_block", "<<: *capacity_block"))
+    gpu = with_block["available_node_types"]["gpu_p5en"]["node_config"]
+    assert gpu["InstanceMarketOptions"] == block["InstanceMarketOptions"]
+    validate_config(prepare_config(with_block))
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync, which `ray up` itself needs")
