@@ -239,25 +239,3 @@ def test_vllm_processor_builds_with_ray_data_llm(local_ray, monkeypatch):
                         options={"tensor_parallel_size": 2, "dtype": "bfloat16"})
     processor = generate.vllm_processor(job)
     assert type(processor).__name__ == "Processor"
-
-
-def _vllm_and_gpu() -> bool:
-    from corea.evaluate.generate import vllm_available
-
-    if not vllm_available():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.vllm
-@pytest.mark.gpu
-@pytest.mark.skipif(not _vllm_and_gpu(), reason="needs vLLM and a GPU")
-def test_vllm_generation(local_ray, tiny_checkpoints):
-    from corea.evaluate.generate import generate
-
-    job = GenerationJob(role="corea", model_path=str(tiny_checkpoints["slm"]), backend="vllm", runs=2, max_tokens=8,
-                        options={"gpu_memory_utilization": 0.3, "enforce_eager": True}, num_gpus=1)
-    frame = generate(job, load_dataset("gsm8k", limit=3), progress=False)
-    assert len(frame) == 6 and (frame["output_tokens"] >= 1).all() and frame["mean_token_prob"].between(0, 1).all()

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("vllm.v1.serial_utils", reason="vLLM contract tests run in the vLLM contract environment")
+pytest.importorskip("vllm.v1.serial_utils", reason="vLLM contract tests run in the vLLM environment (.ci/vllm-live)")
 pytestmark = pytest.mark.vllm_contract
 
 import vllm  # noqa: E402

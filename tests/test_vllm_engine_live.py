@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="live vLLM tests run in the vLLM environment (.ci/vllm-live)")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from corea.engines import SamplingParams, load_engine  # noqa: E402

@@ -387,5 +387,13 @@ class VLLMEngine(VLLMWeights):
         else:
             if hasattr(self.llm, "shutdown"):
                 self.llm.shutdown()
+            self._call(_cancel_pending())  # vLLM's output handlers, so that none is destroyed while pending
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _cancel_pending() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -58,7 +58,11 @@ class TierServer:
         log.info("%s tier ready: %s (%s)", role, self.model_path, self.cfg.backend)
 
     def info(self) -> dict[str, Any]:
-        return {"role": self.role, "model": self.model_path, "backend": self.cfg.backend}
+        """What the replica serves; with vLLM, also the requests its engine holds (waiting or running)."""
+        info = {"role": self.role, "model": self.model_path, "backend": self.cfg.backend}
+        if hasattr(self.engine, "num_unfinished_requests"):
+            info["unfinished_requests"] = self.engine.num_unfinished_requests()
+        return info
 
     def _check(self, messages: list[dict[str, str]], params: dict[str, Any]):
         """SamplingParams and prompt token count; ValueError (``EngineInputError`` for the prompt) when the model
@@ -147,7 +151,15 @@ class TierServer:
     async def continue_step(self, messages: list[dict[str, str]], prefix: str, params: dict[str, Any]
                             ) -> dict[str, Any]:
         """Continue the assistant message after ``prefix`` (one step, up to ``stop``), with each token's
-        probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take."""
+        probability and the engine time ``gen_s``; ``{"error": message}`` for a request the model cannot take
+        (checked as ``generate`` checks it: ``max_prompt_tokens``, prompt + ``max_tokens`` within the context).
+        With ``params["check_only"]``, only that check: ``{"prompt_tokens": n}`` (``cascade.check_prompt``)."""
+        try:
+            _, n_in = self._check(messages, params)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        if params.get("check_only"):
+            return {"prompt_tokens": n_in}
         if hasattr(self.engine, "acontinue_prompts"):  # cancellable inside the engine, as generate_one
             return await self._acontinue(messages, prefix, params)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._continue, messages, prefix, params)
