@@ -39,6 +39,15 @@ def test_llm_is_bigger_than_slm(tiny_checkpoints):
     assert count(tiny_checkpoints["llm"]) > 2 * count(tiny_checkpoints["slm"])
 
 
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_size_has_a_head_dim_vllm_cpu_runs(size):
+    # vLLM's CPU attention backend takes head sizes 32, 64, 80, ...; 16 kills the engine at its first generate
+    arch = SIZES[size]
+    head_dim = arch["hidden_size"] // arch["num_attention_heads"]
+    assert head_dim * arch["num_attention_heads"] == arch["hidden_size"] and head_dim >= 32 and head_dim % 16 == 0
+    assert arch["num_attention_heads"] % arch["num_key_value_heads"] == 0
+
+
 def test_special_tokens_and_generation_config(tiny_checkpoints):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["slm"])
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"

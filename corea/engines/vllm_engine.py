@@ -197,9 +197,9 @@ class VLLMEngine(VLLMWeights):
     """
 
     def __init__(self, model_path: str, async_engine: bool = False, **options: Any) -> None:
-        from corea.models.loading import load_tokenizer
+        from corea.models.loading import load_tokenizer, resolve_model_path
 
-        self.model_path = self.weights_path = str(model_path)
+        self.model_path = self.weights_path = resolve_model_path(model_path)  # a URI or Hub id: a local copy
         self.tokenizer = load_tokenizer(model_path)
         self.lock = threading.RLock()
         self.async_engine = bool(async_engine)
