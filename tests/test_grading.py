@@ -34,7 +34,7 @@ def _mv_boxed(gold: str, answer: str) -> bool:
     """Plain math-verify on the two bare strings, each read as corea reads a gold."""
     import math_verify
 
-    from corea.answer_checks import math_gold_text
+    from corea.grading.answers import math_gold_text
 
     return bool(math_verify.verify(*(math_verify.parse(math_gold_text(t)) for t in (gold, answer))))
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from corea import grading_fast
-from corea.answer_checks import math_gold_text
+from corea.grading import fast as grading_fast
+from corea.grading.answers import math_gold_text
 from corea.grading import Grader
 
 DATA = Path(__file__).parent / "data"
@@ -209,7 +209,7 @@ def test_public_choice_cases_as_harnesses_read_them(grader):
     ("Svaret er B", "B"), ("It is A, no: B. The answer is C", "C"),
 ])
 def test_answer_is_in_other_languages(response, letter):
-    from corea.answer_checks import extract_choice
+    from corea.grading.answers import extract_choice
 
     assert extract_choice(response) == letter
 
@@ -217,7 +217,7 @@ def test_answer_is_in_other_languages(response, letter):
 def test_choice_extraction_is_linear_in_the_text():
     import time
 
-    from corea.answer_checks import extract_choice
+    from corea.grading.answers import extract_choice
 
     for text in ("answer " * 9000, "réponse " * 8000, "答案" * 30000, "answer is " * 6000, "(" * 64000, "B" * 64000):
         start = time.perf_counter()
@@ -231,7 +231,7 @@ def test_two_stage_parsing_gives_the_ll_parse(monkeypatch):
     from antlr4.atn.PredictionMode import PredictionMode
     from latex2sympy2_extended import latex2sympy2
 
-    from corea.grading_worker import _install_two_stage_parsing
+    from corea.grading.worker import _install_two_stage_parsing
 
     def outcome(text):
         try:

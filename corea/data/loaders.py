@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from corea.answer_checks import normalize_choice_gold
+from corea.grading.answers import normalize_choice_gold
 from corea.data.readers import Row, read_rows
 from corea.data.records import DatasetError, Kind, Record, check_unique_ids
 from corea.protocol import CHOICE_LETTERS
@@ -186,7 +186,7 @@ def _choice_options(row: Row, raw: Any) -> tuple[tuple[str, ...], tuple[str, ...
 
 def _letter(row: Row, options: Sequence[str], *names: str) -> str:
     """The answer letter from the first present of ``names``, written ``X``, ``(X) text`` or ``X text``
-    (``corea.answer_checks.normalize_choice_gold``), checked against the options; a text after the letter
+    (``corea.grading.answers.normalize_choice_gold``), checked against the options; a text after the letter
     must name that option."""
     raw, name = row.text(*names), next(n for n in names if row.has(n))
     letters = CHOICE_LETTERS[: len(options)]

@@ -11,10 +11,10 @@ last-box answer of ``corea.protocol.parse_response`` is what the cascade shows a
 checks; correctness does not need a box. Accelerations, none of
 which changes math-verify's verdict:
 
-1. Fast path, in-process (``corea.grading_fast``): math-verify's own regexes find the match it would try
+1. Fast path, in-process (``corea.grading.fast``): math-verify's own regexes find the match it would try
    first; when that match and the gold are plain numbers, their parse is built without the LaTeX parser and
    math-verify's ``verify`` runs on them in-process. No match at all is False, as in math-verify.
-2. Pre-screen (``corea.answer_checks.prescreen``): an expression math-verify would parse that could make
+2. Pre-screen (``corea.grading.answers.prescreen``): an expression math-verify would parse that could make
    sympy hang (huge exponents, factorials or expansions, deep nesting, integrals, sums, products or limits
    with large parameters, very long text) rejects the response (False) without being parsed; so does a
    response over ``MAX_RESPONSE_CHARS``. In the pool the same screen guards every expression math-verify
@@ -23,13 +23,13 @@ which changes math-verify's verdict:
 3. Worker pool: math-verify itself in ``Grader.processes`` worker processes, each gold parsed once per
    worker. Each response has a deadline of ``timeout_s`` seconds (an interval timer inside the worker; a miss
    is False, as math-verify's own timeout would give); a worker that does not answer within ``timeout_s +
-   KILL_GRACE_S`` (stuck in C code) is killed and replaced (``corea.grading_pool``). Evaluation uses
+   KILL_GRACE_S`` (stuck in C code) is killed and replaced (``corea.grading.pool``). Evaluation uses
    ``TIMEOUT_S`` (5 s, math-verify's default); training rewards use ``reward.grading_timeout_s`` (1 s).
    Workers parse LaTeX with ANTLR's two-stage strategy (SLL, then LL on an error: the same trees), and a large
    batch's screening overlaps the pool's work on its earlier chunks. Grading works from any thread, asyncio
    loop, Ray actor or Serve replica. Model output is only read by math-verify's parser, never run as code.
 
-Choice: the letter of ``corea.answer_checks.extract_choice`` (boxed letter, "answer is X" in the languages of
+Choice: the letter of ``corea.grading.answers.extract_choice`` (boxed letter, "answer is X" in the languages of
 lighteval's literals, "answer: X", a leading "X.", the last standalone letter) against the gold's letter
 (``choice_gold_letter``: ``X``, ``(X) text``, or the letter a free-text gold states; none: every response False).
 """
@@ -44,8 +44,8 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from corea import grading_fast
-from corea.answer_checks import (  # noqa: F401 (the limits and checks are part of this module's API)
+from corea.grading import fast
+from corea.grading.answers import (  # noqa: F401 (the limits and checks are part of this module's API)
     KINDS,
     MAX_CALCULUS_LOG10,
     MAX_EXPONENT_LOG10,
@@ -61,8 +61,8 @@ from corea.answer_checks import (  # noqa: F401 (the limits and checks are part 
     normalize_choice_gold,
     prescreen,
 )
-from corea.grading_pool import Job, WorkerPool
-from corea.grading_worker import MEMORY_LIMIT_MB
+from corea.grading.pool import Job, WorkerPool
+from corea.grading.worker import MEMORY_LIMIT_MB
 from corea.protocol import parse_response  # noqa: F401 (re-exported for callers that show the last box)
 
 TIMEOUT_S = 5.0  #: default per-response deadline in a worker, seconds (math-verify's own default timeout)
@@ -81,7 +81,7 @@ class _Gold:
         self.gold, self.text = gold, math_gold_text(gold)
         self.limits = _limits(gold)
         try:
-            self.parsed = grading_fast.fast_parse(self.text)
+            self.parsed = fast.fast_parse(self.text)
         except Exception:
             self.parsed = None
 
@@ -221,17 +221,17 @@ class Grader:
             self._count("screened")
             return False, None
         try:
-            found = grading_fast.first_candidate(response)
+            found = fast.first_candidate(response)
             if found is None or gold.parsed == []:  # nothing to compare: math-verify says False
                 self._count("fast")
                 return False, None
-            strings = grading_fast.candidate_strings(*found)
+            strings = fast.candidate_strings(*found)
             for text, _ in strings:
                 if prescreen(text, gold.gold, gold.limits) is not None:
                     self._count("screened")
                     return False, None
-            if gold.parsed is not None and (parsed := grading_fast.fast_parse(response, found, strings)) is not None:
-                verdict = grading_fast.verify(gold.parsed, parsed)
+            if gold.parsed is not None and (parsed := fast.fast_parse(response, found, strings)) is not None:
+                verdict = fast.verify(gold.parsed, parsed)
                 self._count("fast")
                 return verdict, None
             key = (type(found[1]).__name__, tuple(strings))

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_any
 from typing import Callable
 
-from corea.grading_worker import _Worker
+from corea.grading.worker import _Worker
 
 KILL_GRACE_S = 2.0  #: extra time before a worker that misses its deadline is killed, seconds
 STARTUP_TIMEOUT_S = 120.0  #: time a new worker may take to import math-verify, seconds

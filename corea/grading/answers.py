@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from corea import grading_fast
+from corea.grading import fast
 
 KINDS = ("math", "choice")
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -92,7 +92,7 @@ def math_gold_text(gold: str) -> str:
     ``\\(...\\)`` or ``\\[...\\]`` is removed first, and ``$gold$`` replaces the box when the braces do not
     balance. ``grade_answer`` reads a bare answer the same way."""
     gold = gold.strip()
-    found = grading_fast.first_match(gold)
+    found = fast.first_match(gold)
     if found is not None and _as_written(gold, found[0], found[2]):
         return gold
     if m := _MATH_WRAP.match(gold):

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 
-from corea.answer_checks import _limits, math_gold_text, prescreen
+from corea.grading.answers import _limits, math_gold_text, prescreen
 
 MEMORY_LIMIT_MB = 4096  #: address-space limit of a worker, MiB (None: unlimited)
 
@@ -218,11 +218,11 @@ def _worker_entry() -> None:
 
 # A fresh interpreter (fork + exec: safe from a threaded parent and, unlike multiprocessing's spawn, it never
 # re-runs the parent's __main__); the parent's sys.path comes along so that an uninstalled checkout works.
-_WORKER_CODE = "import sys, json; sys.path[:] = json.loads(sys.argv[3]); import corea.grading_worker as w; w._worker_entry()"
+_WORKER_CODE = "import sys, json; sys.path[:] = json.loads(sys.argv[3]); import corea.grading.worker as w; w._worker_entry()"
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "ready")
+    __slots__ = ("proc", "conn", "ready", "_lock")
 
     def __init__(self, memory_limit_mb: int | None):
         parent, child = socket.socketpair()
@@ -232,10 +232,14 @@ class _Worker:
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         finally:
             child.close()
-        self.conn, self.ready = Connection(parent.detach()), False
+        self.conn, self.ready, self._lock = Connection(parent.detach()), False, threading.Lock()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.conn.close()
+        """Kill the process and close the socket; safe to call from two threads at once (the pool's ``close`` and
+        a batch in flight replacing the same worker)."""
+        with self._lock:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            if not self.conn.closed:
+                self.conn.close()
