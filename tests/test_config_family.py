@@ -91,3 +91,28 @@ def test_train_eval_serve_walk_with_tiny_models(tmp_path, tiny_checkpoints):
         assert (folder / "config.json").is_file(), f"{where}: nothing written at {folder}"
         assert AutoConfig.from_pretrained(folder).model_type == "qwen2"
         assert len(load_tokenizer(folder)) > 0
+
+
+def test_serving_autoscaling_ranges_fit_the_cluster():
+    """configs/serve-p5en.yaml's replica ranges against cluster.yaml's p5en node type and max_workers: the
+    minimum fits one node, the maximum the whole cluster, and every replica asks for what a p5en node has."""
+    import yaml
+
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    node = cluster["available_node_types"]["gpu_p5en"]
+    nodes, gpus, cpus = node["max_workers"], node["resources"]["GPU"], node["resources"]["CPU"]
+    sv = load_serve_config(SERVE)
+    tiers = {"slm": sv.slm, "llm": sv.llm}
+    for name, tier in tiers.items():
+        scaling = tier.autoscaling
+        assert 1 <= scaling.min_replicas <= scaling.max_replicas, name
+        assert scaling.target_ongoing_requests <= tier.max_ongoing_requests, name
+        assert tier.resources.num_gpus == tier.tensor_parallel_size <= gpus, name
+        assert f"accelerator_type:{tier.resources.accelerator_type}" in node["resources"], name
+    assert sv.ingress.autoscaling.target_ongoing_requests <= sv.ingress.max_ongoing_requests
+    least = {k: sum(t.autoscaling.min_replicas * getattr(t.resources, k) for t in tiers.values())
+             for k in ("num_gpus", "num_cpus")}
+    assert least["num_gpus"] <= gpus and least["num_cpus"] + sv.ingress.autoscaling.min_replicas * \
+        sv.ingress.resources.num_cpus <= cpus  # the smallest deployment: one p5en node
+    most = sum(t.autoscaling.max_replicas * t.resources.num_gpus for t in tiers.values())
+    assert most <= nodes * gpus  # at full scale serving fills at most every GPU the cluster may start
