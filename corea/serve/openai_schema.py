@@ -11,10 +11,8 @@ surrogate such as ``"\\ud800"``) is refused (400). COREA's own request options t
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from itertools import accumulate
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,22 +70,38 @@ def _is_text_format(value: Any) -> bool:
     return isinstance(value, dict) and value.get("type") == "text"
 
 
+def _zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
 # Fields COREA cannot honour -> the values that mean "not asked for" (anything else is a 400 naming the field).
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: v == 0,
+    "top_logprobs": _zero,
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
     "functions": lambda v: v == [],
     "function_call": lambda v: v == "none",
     "response_format": _is_text_format,
     "logit_bias": lambda v: v == {},
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
     "audio": lambda v: False,
     "modalities": lambda v: v == ["text"],
     "prediction": lambda v: False,
 }
+
+
+# UNSUPPORTED as JSON schema: the accepted values of each field (null too), for the OpenAPI document
+_UNSUPPORTED_SCHEMA: dict[str, dict[str, Any]] = {
+    "logprobs": {"const": False}, "top_logprobs": {"const": 0}, "tools": {"type": "array", "maxItems": 0},
+    "tool_choice": {"const": "none"}, "functions": {"type": "array", "maxItems": 0}, "function_call": {"const": "none"},
+    "response_format": {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+    "logit_bias": {"type": "object", "maxProperties": 0}, "presence_penalty": {"const": 0},
+    "frequency_penalty": {"const": 0}, "audio": {"type": "null"}, "modalities": {"const": ["text"]},
+    "prediction": {"type": "null"},
+}
+assert set(_UNSUPPORTED_SCHEMA) == set(UNSUPPORTED)
 
 
 class ChatRequest(BaseModel):
@@ -102,7 +116,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)  # int64, as OpenAI's
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -125,18 +139,33 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_DEPTH_STEP = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
-
-
-def json_depth(raw: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text, brackets inside strings not counted; linear
-    in the size, without parsing (so that no parser recursion is ever reached)."""
-    if raw.count(b"[") + raw.count(b"{") <= 1:
-        return int(b"[" in raw or b"{" in raw)
-    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+def json_depth(raw: bytes, limit: int | None = None) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, brackets inside strings not counted, without
+    parsing (so that no parser recursion is ever reached): one pass of a three-state machine over the bytes
+    (outside a string, in a string, just after a backslash in a string; a string left open runs to the end),
+    each byte read once, so linear in the size whatever the bytes. With ``limit`` it stops as soon as the depth
+    exceeds it (the value returned is then ``limit + 1``)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in raw:  # ints: 34 ", 92 \\, 91 [, 123 {, 93 ], 125 }
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 92:
+                escaped = True
+            elif c == 34:
+                in_string = False
+        elif c == 34:
+            in_string = True
+        elif c == 91 or c == 123:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if limit is not None and deepest > limit:
+                    break
+        elif c == 93 or c == 125:
+            depth -= 1
+    return deepest
 
 
 def _unsupported(data: dict[str, Any]) -> None:
@@ -148,7 +177,7 @@ def _unsupported(data: dict[str, Any]) -> None:
 
 def parse_chat_request(raw: bytes, max_messages: int, max_depth: int = 32) -> ChatRequest:
     """A validated request from a raw body; ``ApiError(400)`` names the offending field."""
-    if json_depth(raw) > max_depth:
+    if json_depth(raw, max_depth) > max_depth:
         raise ApiError(400, f"the request body nests JSON deeper than {max_depth} levels")
     try:
         data = json.loads(raw)
@@ -231,3 +260,71 @@ def models_body(model_ids: list[str], owner: str = "corea") -> dict[str, Any]:
     created = int(time.time())
     return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": owner}
                                        for m in model_ids]}
+
+
+# ---------------------------------------------------------------- the OpenAPI document (GET /openapi.json)
+_REF = "#/components/schemas/{model}"
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+_COMPLETION_SCHEMA = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage", "corea"],
+                      "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"},
+                                     "created": {"type": "integer"}, "model": {"type": "string"},
+                                     "choices": {"type": "array"}, "usage": {"type": "object"},
+                                     "corea": {"type": "object"}}}
+_STATUS_TEXT = {400: "invalid request", 401: "invalid or missing API key", 404: "unknown model",
+                408: "the body arrived too slowly", 413: "the body is too large", 415: "the body is not JSON",
+                503: "a tier is unavailable or overloaded (Retry-After)"}
+
+
+def request_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON schema of a chat completion request as the server reads it (a top-level ``null`` is the default,
+    unsupported fields take only their "not asked for" values) and the component schemas it refers to."""
+    schema = ChatRequest.model_json_schema(ref_template=_REF)
+    defs = schema.pop("$defs", {})
+    props = schema["properties"]
+    props["stop"] = {"anyOf": [{"type": "string", "minLength": 1},
+                               {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]}
+    props.update(_UNSUPPORTED_SCHEMA)
+    for name, prop in props.items():
+        if name not in schema["required"] and not any(p.get("type") == "null" for p in prop.get("anyOf", [prop])):
+            props[name] = {"anyOf": [prop, {"type": "null"}]}
+    return schema, defs
+
+
+def openapi_request_body() -> dict[str, Any]:
+    """The ``requestBody`` of ``POST /v1/chat/completions`` (the route reads the raw body itself)."""
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": _REF.format(model="ChatRequest")}}}}
+
+
+def openapi_responses(*statuses: int, completion: bool = False) -> dict[int, dict[str, Any]]:
+    """FastAPI ``responses`` for a route: OpenAI-style errors with ``statuses``; with ``completion``, 200 as a
+    ``chat.completion`` object or (``stream: true``) server-sent events."""
+    error = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorResponse")}}}
+    out: dict[int, dict[str, Any]] = {s: {"description": _STATUS_TEXT[s], "content": error} for s in statuses}
+    if completion:
+        out[200] = {"description": "the answer", "content": {
+            "application/json": {"schema": {"$ref": _REF.format(model="ChatCompletion")}},
+            "text/event-stream": {"schema": {"type": "string"}}}}
+    return out
+
+
+def openapi_document(app) -> dict[str, Any]:
+    """FastAPI's OpenAPI document of ``app`` with COREA's schemas, and 400 (the status the API sends for an invalid
+    parameter) where FastAPI documents 422."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    request, defs = request_schema()
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(defs, ChatRequest=request, ErrorResponse=_ERROR_SCHEMA, ChatCompletion=_COMPLETION_SCHEMA)
+    for path in doc["paths"].values():
+        for operation in path.values():
+            responses = operation.get("responses", {})
+            if "422" in responses:
+                del responses["422"]
+                responses.setdefault("400", openapi_responses(400)[400])
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return doc
