@@ -23,8 +23,9 @@ from corea.cost import OUTPUT_TOKEN_WEIGHT
 from corea.protocol import parse_response
 
 MODES = ("cascade", "slm", "llm")
+CHECK_WAIT_S = 2.0  # how long check_prompt waits for a tier's verdict before leaving the check to its own call
 __all__ = ["Cascade", "CascadeResult", "CascadeStream", "TierAnswer", "TierClient", "TierOverloaded", "TierRejected",
-           "TierUnavailable"]
+           "TierUnavailable", "check_prompt"]
 
 
 class TierClient(Protocol):
@@ -73,9 +74,27 @@ class CascadeResult:
         tiers = [t for t in (self.slm, self.llm) if t is not None]
         return sum(t.prompt_tokens for t in tiers), sum(t.completion_tokens for t in tiers)
 
+    def trace(self) -> list[dict[str, Any]]:
+        """One entry per tier call in the wire form of ``corea.collab.trace.Trace.steps`` (as the cascade strategy
+        of ``corea.collab`` records it): the SLM's answer with its confidence as the score, then the LLM's when the
+        request deferred; ``accepted`` marks the answer returned."""
+        calls = []
+        if self.slm is not None:
+            calls.append({"tier": "slm", "role": "answer", "tokens": self.slm.completion_tokens,
+                          "prompt_tokens": self.slm.prompt_tokens, "confidence": self.confidence,
+                          "score": self.confidence, "accepted": self.tier == "slm"})
+        if self.llm is not None:
+            calls.append({"tier": "llm", "role": "answer", "tokens": self.llm.completion_tokens,
+                          "prompt_tokens": self.llm.prompt_tokens, "confidence": None, "score": None,
+                          "accepted": self.tier == "llm"})
+        return calls
+
     def meta(self) -> dict[str, Any]:
-        """The ``corea`` object of a response."""
+        """The ``corea`` object of a response (``strategy`` is None for a forced tier)."""
         return {
+            "strategy": "cascade" if self.mode == "cascade" else None,
+            "trace": self.trace(),
+            "llm_steps": int(self.llm is not None),
             "tier": self.tier,
             "mode": self.mode,
             "confidence": self.confidence,
@@ -91,6 +110,7 @@ class CascadeResult:
 
     def headers(self, with_cost: bool = True) -> dict[str, str]:
         headers = {
+            **({"x-corea-strategy": "cascade"} if self.mode == "cascade" else {}),
             "x-corea-tier": self.tier,
             "x-corea-confidence": "none" if self.confidence is None else f"{self.confidence:g}",
             "x-corea-deferred": str(self.deferred).lower(),
@@ -239,3 +259,25 @@ class Cascade:
                 await close()
             raise
         return CascadeStream(result, items=next_item, first=first, finish=finish, close=close)
+
+
+async def check_prompt(clients: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any],
+                       wait_s: float = CHECK_WAIT_S) -> None:
+    """Ask every tier a request may reach, all at once and before any of them generates, whether its model takes
+    the request: the prompt within ``limits.max_prompt_tokens`` and prompt + ``max_tokens`` within the model's
+    context (``continue_step`` with ``check_only``; clients without it are skipped). The first refusal is raised
+    (``TierRejected``: HTTP 400), so that a prompt one tier cannot take is refused up front whatever the strategy
+    and whichever tier would have answered. A tier that gives no verdict within ``wait_s`` (down, saturated) or
+    fails is left to its own calls, which check again before generating."""
+    checks = [asyncio.ensure_future(c.continue_step(messages, "", {**params, "check_only": True}))
+              for c in clients.values() if c is not None and hasattr(c, "continue_step")]
+    if not checks:
+        return
+    try:
+        done, _ = await asyncio.wait(checks, timeout=wait_s)
+    finally:
+        for task in checks:
+            task.cancel()
+    for task in checks:
+        if task in done and not task.cancelled() and isinstance(task.exception(), TierRejected):
+            raise task.exception()

@@ -5,13 +5,15 @@ Routes: ``POST /v1/chat/completions`` (plain or ``stream: true`` server-sent eve
 ``GET /metrics`` (Prometheus text). Every error is an OpenAI-style JSON body; client mistakes are 4xx
 (401 bad key, 400 invalid request, 404 unknown model or route, 408 body too slow, 413 body too large, 415 a
 body that is not ``application/json``), an unavailable or overloaded tier is 503 with ``Retry-After``; every
-error response is counted in ``/metrics`` by outcome. CORS is off unless ``http.cors_allow_origins`` lists
-origins.
+error response is counted in ``/metrics`` by outcome, and a request whose client left before its response was
+complete as ``cancelled`` (never an error). ``GET /openapi.json`` describes the API, the chat completions request
+body included. CORS is off unless ``http.cors_allow_origins`` lists origins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -22,10 +24,11 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from corea.serve.cascade import Cascade, CascadeStream, TierOverloaded, TierRejected, TierUnavailable
+from corea.serve.cascade import Cascade, CascadeStream, TierOverloaded, TierRejected, TierUnavailable, check_prompt
 from corea.serve.config import LimitsConfig, ServeConfig
 from corea.serve.metrics import CascadeMetrics
 from corea.serve.openai_schema import (
@@ -36,6 +39,9 @@ from corea.serve.openai_schema import (
     error_body,
     models_body,
     new_id,
+    openapi_document,
+    openapi_request_body,
+    openapi_responses,
     parse_chat_request,
     sse,
     usage_body,
@@ -127,12 +133,63 @@ async def read_body(request: Request, limit: int, timeout_s: float = 10.0, min_r
     return b"".join(chunks)
 
 
+class ClientGone:
+    """ASGI middleware: a request whose client left before its response was complete (a disconnect received, a
+    send that failed, or Serve cancelling the request when its proxy saw the client go) is counted as
+    ``outcome="cancelled"`` and logged on one INFO line, never as an error with a traceback. The chat route puts
+    the request's model in ``scope["corea.model"]`` once it is known."""
+
+    def __init__(self, app, metrics: CascadeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = {"gone": False, "complete": False}
+
+        async def watched_receive():
+            message = await receive()
+            state["gone"] = state["gone"] or message["type"] == "http.disconnect"
+            return message
+
+        async def watched_send(message) -> None:
+            try:
+                await send(message)
+            except OSError:  # the connection is gone (ASGI 2.4 servers raise it from send)
+                state["gone"] = True
+                raise
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        except asyncio.CancelledError:
+            if not state["complete"]:
+                self._cancelled(scope, "cancelled")
+            raise
+        except Exception as exc:
+            if state["complete"] or not (state["gone"] or isinstance(exc, ClientDisconnect)):
+                raise
+            self._cancelled(scope, type(exc).__name__)
+            return
+        if state["gone"] and not state["complete"]:
+            self._cancelled(scope, "disconnected")
+
+    def _cancelled(self, scope, how: str) -> None:
+        model = scope.get("corea.model")
+        log.info("client left before the response was complete: %s %s, model %s (%s)", scope.get("method"),
+                 scope.get("path"), model, how)
+        self.metrics.failure(model, "cancelled")
+
+
 def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetrics,
                probe: Probe | None = None, strategies=None) -> FastAPI:
     """The FastAPI app serving ``cascade`` under ``settings``; ``strategies`` (``corea.serve.strategies``)
     answers requests whose model id or ``corea.strategy`` selects steer, stepwise_policy or cope."""
-    app = FastAPI(title="COREA cascade", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="COREA cascade", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     limits = settings.limits
+    app.add_middleware(ClientGone, metrics=metrics)
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
@@ -181,7 +238,7 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
                 "temperature": limits.default_temperature if req.temperature is None else req.temperature,
                 "top_p": 1.0 if req.top_p is None else req.top_p, "seed": req.seed, "stop": list(req.stop or [])}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=openapi_responses(503))
     async def healthz(tiers: bool = False):
         if not tiers or probe is None:
             return {"status": "ok"}
@@ -190,29 +247,34 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
         status = "ok" if all(s == "ok" for s in states.values()) else ("degraded" if slm_ok else "unavailable")
         return JSONResponse({"status": status, "tiers": states}, status_code=200 if slm_ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi_responses(401))
     async def list_models(request: Request):
         authorize(request)
         return models_body(list(settings.models))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": openapi_request_body()},
+              responses=openapi_responses(400, 401, 404, 408, 413, 415, 503, completion=True))
     async def chat(request: Request):
         start, model = time.perf_counter(), None
         try:
             authorize(request)
             check_json_content_type(request)
             body = await read_body(request, limits.max_body_bytes, limits.body_timeout_s, limits.body_min_rate_bps)
-            req = parse_chat_request(body, limits.max_messages, limits.max_json_depth)
+            parse = functools.partial(parse_chat_request, body, limits.max_messages, limits.max_json_depth)
+            req = parse() if len(body) <= 1 << 16 else await asyncio.to_thread(parse)  # the loop keeps serving
             if req.model not in settings.models:
                 raise ApiError(404, f"the model {req.model[:100]!r} does not exist; available: "
                                     f"{', '.join(settings.models)}", param="model", code="model_not_found")
             model, mode = req.model, settings.models[req.model]
+            request.scope["corea.model"] = model
             params = sampling(req)
             messages = with_instruction([m.as_chat() for m in req.messages])
+            if mode not in ("slm", "llm"):  # a forced tier checks the request itself before it generates
+                await check_prompt({"slm": cascade.slm, "llm": cascade.llm}, messages, params)
             tau = settings.threshold if req.corea.threshold is None else req.corea.threshold
             if strategies is not None and mode not in ("slm", "llm") and strategies.selects(mode, req.corea.strategy):
                 return await strategies.respond(req, messages, params, mode, model, start)
@@ -261,4 +323,10 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
         headers = {**plan.result.headers(with_cost=False), "cache-control": "no-cache"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

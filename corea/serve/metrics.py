@@ -6,6 +6,7 @@ series are also recorded through Ray's metrics API and aggregated by Ray's Prome
 
 Series (prometheus_client appends ``_total`` to counters):
     corea_requests{model, tier, outcome}      outcome: ok | degraded | client_error | unavailable | overloaded | error
+                                               | cancelled (the client left before the response was complete)
     corea_cascade_decisions{deferred}          cascade-mode requests by routing decision
     corea_deferral_rate                        deferred / decided cascade requests since start
     corea_tokens{tier, kind}                   kind: prompt | completion
