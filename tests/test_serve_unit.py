@@ -339,7 +339,7 @@ def test_tier_server_batches_and_isolates_a_bad_request(tiny_checkpoints, tmp_pa
 
 
 def test_micro_batcher_groups_concurrent_calls_and_propagates_errors():
-    from corea.serve.batching import MicroBatcher
+    from corea.collab.batching import MicroBatcher
 
     batches = []
 

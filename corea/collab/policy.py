@@ -6,7 +6,7 @@ draft tokens / 32.
 
 Training is REINFORCE over whole traces: R = correct - lambda * cost / cost(LLM-only), baseline the batch mean,
 loss = -mean_e[(R_e - b) * sum_t log pi(a_t | f_t)] (a_t = 1: the LLM wrote step t), Adam.
-The threshold on P(call LLM) is then chosen on a calibration split (``corea.evaluate.cascade.select_*``).
+The threshold on P(call LLM) is then chosen on a calibration split (``corea.selection.select_*``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 from typing import Sequence
 
 import numpy as np
+
+from corea.selection import select_budget, select_max_drop
 
 N_FEATURES = 8
 
@@ -93,8 +95,6 @@ def calibrate_threshold(taus, pass_at_1, relative_cost, llm_pass_at_1: float, ma
                         budget: float | None = None) -> float | None:
     """tau for a target on a calibration sweep: the cheapest tau within ``max_drop`` of the LLM's pass@1, or the
     most accurate tau within a relative-cost ``budget`` (exactly one of the two)."""
-    from corea.evaluate.cascade import select_budget, select_max_drop
-
     if (max_drop is None) == (budget is None):
         raise ValueError("give exactly one of max_drop and budget")
     if max_drop is not None:

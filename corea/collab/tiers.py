@@ -93,7 +93,7 @@ class EngineTiers:
         self.engine_s = 0.0  # seconds spent inside engine calls
 
     def _batcher(self, tier: str, kind: str, params: dict[str, Any]):
-        from corea.serve.batching import MicroBatcher
+        from corea.collab.batching import MicroBatcher
 
         key = (tier, kind, _key(params))
         if key not in self._batchers:

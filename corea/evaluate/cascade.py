@@ -9,9 +9,9 @@ Per dataset and threshold tau, with records matched on (dataset, id, run) (see `
 (``corea.cost.cascade_point`` / ``router_point``). A group's point is the macro mean of its datasets' points,
 each field averaged. The default threshold ``llm_pass_at_1`` is, per dataset, the LLM's pass@1 on it.
 
-Threshold selection (pure functions over a sweep): ``select_max_drop`` takes the cheapest tau whose pass@1 is
-at least LLM pass@1 - max_drop; ``select_budget`` the tau of highest pass@1 whose relative cost is within the
-budget. Tau is chosen on the calibration questions and reported on the held-out ones.
+Threshold selection (pure functions over a sweep, ``corea.selection``): ``select_max_drop`` takes the cheapest
+tau whose pass@1 is at least LLM pass@1 - max_drop; ``select_budget`` the tau of highest pass@1 whose relative
+cost is within the budget. Tau is chosen on the calibration questions and reported on the held-out ones.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from corea.collab.rules import defers_many
 from corea.cost import CascadePoint, cascade_point, router_point, thresholds
 from corea.evaluate.records import calibration_mask, join_system
 from corea.evaluate.tables import Interval, dataset_seed, interval, macro, ordered_groups, replicates
+from corea.selection import select_budget, select_max_drop
 
 POINT_FIELDS = tuple(f.name for f in fields(CascadePoint))
 VALUE_FIELDS = ("pass_at_1", "avg_cost", "slm_cost", "llm_cost", "relative_cost", "llm_pct")
@@ -199,30 +200,6 @@ def llm_only(records: pd.DataFrame, datasets: Sequence[str], size_ratio: float) 
     for g in ordered_groups(groups):
         out[g] = macro_point([out[d] for d in groups[g]])
     return out
-
-
-# ---------------------------------------------------------------------------------- threshold choice
-def select_max_drop(taus, pass_at_1, avg_cost, llm_pass_at_1: float, max_drop: float) -> float:
-    """The cheapest tau with pass@1 >= llm_pass_at_1 - max_drop (ties: higher pass@1, then lower tau).
-
-    A sweep reaching tau = 1.1 (everything deferred, pass@1 = the LLM's) always has one; otherwise the
-    highest-pass@1 tau is returned when none qualifies."""
-    taus, acc, cost = (np.asarray(a, dtype=float) for a in (taus, pass_at_1, avg_cost))
-    ok = acc >= llm_pass_at_1 - max_drop - 1e-12
-    if not ok.any():
-        return float(taus[np.lexsort((taus, -acc))[0]])
-    idx = np.flatnonzero(ok)
-    return float(taus[idx[np.lexsort((taus[idx], -acc[idx], cost[idx]))[0]]])
-
-
-def select_budget(taus, pass_at_1, relative_cost, budget: float) -> float | None:
-    """The tau of highest pass@1 with relative cost <= budget (ties: lower cost, then lower tau); None when
-    no tau fits (the budget is below the cost of never deferring)."""
-    taus, acc, cost = (np.asarray(a, dtype=float) for a in (taus, pass_at_1, relative_cost))
-    idx = np.flatnonzero(cost <= budget + 1e-12)
-    if idx.size == 0:
-        return None
-    return float(taus[idx[np.lexsort((taus[idx], cost[idx], -acc[idx]))[0]]])
 
 
 @dataclass

@@ -18,6 +18,7 @@ import math
 from typing import Iterable
 
 from corea.evaluate.cascade import SYSTEMS
+from corea.evaluate.tables import DATASET_LABELS, GROUP_LABELS
 
 PAPER_ORDER = [s.name for s in SYSTEMS]
 CELLS = ("Pass@1 (%)", "Cost", "vs LLM", "LLM%")
@@ -58,9 +59,6 @@ def _table(summary: dict, scopes: list[str], by: str, labels: dict[str, str]) ->
 
 
 def _labels() -> dict[str, str]:
-    from corea.evaluate.report import DATASET_LABELS
-    from corea.evaluate.tables import GROUP_LABELS
-
     return {**GROUP_LABELS, **DATASET_LABELS}
 
 

@@ -17,17 +17,12 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from corea.evaluate.tables import scope_label as _label  # noqa: E402
 from corea.metrics import aurc, reliability_bins, risk_coverage  # noqa: E402
 
 _COLORS = {"SLM-Verb": "#7f7f7f", "RLVR-SLM-Verb": "#1f77b4", "RLVR-SLM-AvgProb": "#17becf",
            "RLVR-SLM-Probe": "#9467bd", "Router + RLVR-SLM": "#8c564b", "Brier-SLM-Verb": "#ff7f0e",
            "COREA": "#d62728", "LLM": "#2ca02c"}
-
-
-def _label(scope: str) -> str:
-    from corea.evaluate.report import _label as label
-
-    return label(scope)
 
 
 def _legend(fig, axes) -> None:

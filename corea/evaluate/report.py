@@ -31,10 +31,8 @@ from corea.evaluate.cascade import (
 from corea.evaluate.config import MetricsConfig, SelectionConfig
 from corea.evaluate.paper_tables import findings, table_one, table_two
 from corea.evaluate.records import load_records
-from corea.evaluate.tables import GROUP_LABELS, MetricRow, metric_rows, ordered_groups, source_frames
-
-DATASET_LABELS = {"deepmath500": "DeepMath500", "math500": "MATH-500", "gsm8k": "GSM8K",
-                  "olympiadbench": "OlympiadBench", "gpqa": "GPQA", "commonsenseqa": "CSQA"}
+from corea.evaluate.tables import DATASET_LABELS, MetricRow, metric_rows, ordered_groups, source_frames
+from corea.evaluate.tables import scope_label as _label
 
 
 @dataclass
@@ -169,10 +167,6 @@ def _ci(iv, scale: float = 100.0, digits: int = 1) -> str:
     if math.isnan(iv.low):
         return f"{scale * iv.value:.{digits}f}"
     return f"{scale * iv.value:.{digits}f} [{scale * iv.low:.{digits}f}, {scale * iv.high:.{digits}f}]"
-
-
-def _label(scope: str) -> str:
-    return GROUP_LABELS.get(scope) or DATASET_LABELS.get(scope, scope)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

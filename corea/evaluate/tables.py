@@ -37,6 +37,13 @@ GROUP_LABELS = {
     "ood_nonmath": "OOD non-math",
     "custom": "Custom",
 }
+DATASET_LABELS = {"deepmath500": "DeepMath500", "math500": "MATH-500", "gsm8k": "GSM8K",
+                  "olympiadbench": "OlympiadBench", "gpqa": "GPQA", "commonsenseqa": "CSQA"}
+
+
+def scope_label(scope: str) -> str:
+    """The printed name of a dataset group or a dataset."""
+    return GROUP_LABELS.get(scope) or DATASET_LABELS.get(scope, scope)
 
 
 # ------------------------------------------------------------------------------------------ metrics

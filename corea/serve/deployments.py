@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from corea.collab.batching import MicroBatcher
 from corea.collab.tiers import sampling_params
 from corea.engines.base import EngineInputError, EngineUnavailable
-from corea.serve.batching import MicroBatcher
 from corea.serve.cascade import Cascade, TierOverloaded, TierRejected, TierUnavailable
 from corea.serve.config import ServeConfig, TierConfig
 from corea.serve.ingress import IngressSettings, create_app
