@@ -11,7 +11,7 @@ box (``So the final answer is $ans$.``), 10% a first box, a long correction, the
 
 (a) naive: ``math_verify.verify(math_verify.parse(math_gold_text(gold)), math_verify.parse(response))`` per
     response, one after another in the main thread, math-verify's default settings (signal-based timeouts);
-    ``math_gold_text(gold)`` is ``\\boxed{gold}``. Pathological responses get corea's pre-screen instead
+    ``math_gold_text(gold)``: the gold as written, or boxed. Pathological responses get corea's pre-screen instead
     (math-verify alone can hang on them: its alarm cannot interrupt a C-level big-integer power).
 (b) corea: ``corea.rewards.batch_group_rewards(groups)`` (parse, grade, rewards) with a fresh worker pool per
     run, started and warmed up before the clock starts: pool start-up is excluded. Timed with and without the
