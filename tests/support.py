@@ -114,3 +114,17 @@ def stop_cluster(temp_dir: str) -> None:
     _, alive = psutil.wait_procs(procs, timeout=15)
     for proc in alive:
         proc.kill()
+
+
+def write_quiet_policy(path) -> Path:
+    """A stepwise routing policy file whose P(call the LLM) is ~0 for any step: at tau 0 it always calls the LLM
+    (P >= 0), at any tau > 0 never."""
+    import torch
+
+    from corea.collab.policy import StepPolicy
+
+    policy = StepPolicy(seed=0)
+    with torch.no_grad():
+        policy.net[-1].bias.fill_(-30.0)
+    Path(path).write_text(policy.to_json())
+    return Path(path)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from support import ROOT, delta, free_port, metrics, wait_running  # noqa: E402
+from support import ROOT, delta, free_port, metrics, wait_running, write_quiet_policy  # noqa: E402
 
 EASY = CONFIDENT_QUESTIONS[0]
 RATIO = 32 / 7  # the LLM/SLM size ratio of configs/serve-tiny-cpu.yaml
@@ -26,18 +26,12 @@ RATIO = 32 / 7  # the LLM/SLM size ratio of configs/serve-tiny-cpu.yaml
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    import torch
-
-    from corea.collab.policy import StepPolicy
     from corea.serve.app import deploy
     from corea.serve.config import load_serve_config
 
     work = tmp_path_factory.mktemp("serve-strategies")
     make_confident_slm(confident_slm_path(work))
-    policy = StepPolicy(seed=0)
-    with torch.no_grad():
-        policy.net[-1].bias.fill_(-30.0)  # P(call LLM) ~ 0 for any step: tau 0 always calls, tau 0.5 never
-    (work / "policy.json").write_text(policy.to_json())
+    write_quiet_policy(work / "policy.json")  # tau 0 always calls the LLM, tau 0.5 never
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
