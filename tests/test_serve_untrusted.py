@@ -5,6 +5,7 @@ and schemathesis against the app's own OpenAPI document. The JSON depth scan: te
 import asyncio
 import json
 import logging
+import os
 import time
 
 import pytest
@@ -224,3 +225,73 @@ def test_cascade_answers_carry_strategy_and_trace_as_the_other_strategies():
     assert final["corea"]["strategy"] == "cascade" and len(final["corea"]["trace"]) == 2
     forced = client.post("/v1/chat/completions", json=chat(model="corea-llm")).json()["corea"]
     assert forced["strategy"] is None and [c["tier"] for c in forced["trace"]] == ["llm"]
+
+
+# ---------------------------------------------------------------- schemathesis against the app's OpenAPI document
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+
+@pytest.fixture(scope="module")
+def api_schema(tiny_app):
+    app, _, _ = tiny_app
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+def check_openai_errors(response) -> None:
+    """The rule for every response a client can cause: no 5xx but a JSON 503, every error an OpenAI error body."""
+    status, ctype = response.status_code, response.headers.get("content-type", [""])
+    ctype = ctype[0] if isinstance(ctype, list) else ctype
+    assert status < 500 or status == 503, (status, response.text[:300])
+    if status >= 400:
+        assert ctype.startswith("application/json"), (status, ctype)
+        error = json.loads(response.text)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+
+
+SCALE = int(os.environ.get("COREA_SCHEMATHESIS_SCALE", "1"))  # more examples per operation: a longer search
+OPERATIONS = [("/v1/chat/completions", "POST", "positive", 40), ("/v1/chat/completions", "POST", "negative", 40),
+              ("/v1/models", "GET", "positive", 3), ("/healthz", "GET", "positive", 5), ("/healthz", "GET", "negative", 10),
+              ("/metrics", "GET", "positive", 2)]
+
+
+@pytest.mark.parametrize("path, method, mode, examples", OPERATIONS)
+def test_the_api_against_its_own_openapi_document(api_schema, path, method, mode, examples):
+    """schemathesis's Python API (its pytest plugin needs pytest < 9): cases generated from the app's own document,
+    valid ones (positive) and invalid ones (negative), sent to the app in process with the tiny tiers."""
+    from hypothesis import given
+
+    from schemathesis.generation import GenerationMode
+
+    strategy = api_schema[path][method].as_strategy(GenerationMode(mode))
+
+    @settings(max_examples=examples * SCALE, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def run(case):
+        response = case.call()
+        check_openai_errors(response)
+        case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                                  response_schema_conformance, negative_data_rejection])
+
+    run()
+
+
+def test_openapi_document_describes_the_chat_request(tiny_app):
+    from fastapi.testclient import TestClient
+
+    doc = TestClient(tiny_app[0]).get("/openapi.json").json()
+    post = doc["paths"]["/v1/chat/completions"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatRequest")
+    request = doc["components"]["schemas"]["ChatRequest"]
+    assert request["required"] == ["model", "messages"] and "corea" in request["properties"]
+    assert {"400", "401", "404", "408", "413", "415", "503"} <= set(post["responses"])
+    assert "422" not in json.dumps(doc["paths"])
+    assert set(request["properties"]["model"]["enum"]) == {"corea-cascade", "corea-slm", "corea-llm"}
+    assert request["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 4

@@ -325,7 +325,8 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = openapi_document(app)
+            app.openapi_schema = openapi_document(app, models=list(settings.models), max_messages=limits.max_messages,
+                                                  max_tokens=limits.max_tokens)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -278,12 +278,21 @@ _STATUS_TEXT = {400: "invalid request", 401: "invalid or missing API key", 404: 
                 503: "a tier is unavailable or overloaded (Retry-After)"}
 
 
-def request_schema() -> tuple[dict[str, Any], dict[str, Any]]:
+def request_schema(models: list[str] | None = None, max_messages: int | None = None,
+                   max_tokens: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSON schema of a chat completion request as the server reads it (a top-level ``null`` is the default,
-    unsupported fields take only their "not asked for" values) and the component schemas it refers to."""
+    unsupported fields take only their "not asked for" values; the served model ids and the limits when given)
+    and the component schemas it refers to."""
     schema = ChatRequest.model_json_schema(ref_template=_REF)
     defs = schema.pop("$defs", {})
     props = schema["properties"]
+    if models:
+        props["model"] = {"type": "string", "enum": list(models)}
+    if max_messages:
+        props["messages"]["maxItems"] = max_messages
+    for name in ("max_tokens", "max_completion_tokens"):
+        if max_tokens:
+            props[name]["anyOf"][0]["maximum"] = max_tokens
     props["stop"] = {"anyOf": [{"type": "string", "minLength": 1},
                                {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]}
     props.update(_UNSUPPORTED_SCHEMA)
@@ -306,17 +315,18 @@ def openapi_responses(*statuses: int, completion: bool = False) -> dict[int, dic
     if completion:
         out[200] = {"description": "the answer", "content": {
             "application/json": {"schema": {"$ref": _REF.format(model="ChatCompletion")}},
-            "text/event-stream": {"schema": {"type": "string"}}}}
+            "text/event-stream": {"schema": {"type": "object", "required": ["data"],  # one event (OpenAPI < 3.2)
+                                             "properties": {"data": {"type": "string"}}}}}}
     return out
 
 
-def openapi_document(app) -> dict[str, Any]:
-    """FastAPI's OpenAPI document of ``app`` with COREA's schemas, and 400 (the status the API sends for an invalid
-    parameter) where FastAPI documents 422."""
+def openapi_document(app, **request: Any) -> dict[str, Any]:
+    """FastAPI's OpenAPI document of ``app`` with COREA's schemas (``request``: the arguments of
+    ``request_schema``), and 400 (the status the API sends for an invalid parameter) where FastAPI documents 422."""
     from fastapi.openapi.utils import get_openapi
 
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    request, defs = request_schema()
+    request, defs = request_schema(**request)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(defs, ChatRequest=request, ErrorResponse=_ERROR_SCHEMA, ChatCompletion=_COMPLETION_SCHEMA)
     for path in doc["paths"].values():
