@@ -40,14 +40,21 @@ def prepare(cfg: ServeConfig) -> ServeConfig:
 
 def proxy_env(cfg: ServeConfig) -> dict[str, str]:
     """Environment for the Serve HTTP proxies (set before Ray starts): ``corea.serve.proxy_guard`` as the
-    proxy middleware, with the body deadline, minimum rate and size limit of ``cfg.limits``."""
+    proxy middleware, with the body deadline, minimum rate and size limit and the request-head bounds of
+    ``cfg.limits``, and the API keys' SHA-256 digests (``/-/routes`` then needs a key) of a prepared config."""
     from corea.serve.proxy_guard import CALLBACK
 
     limits = cfg.limits
-    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
-            "COREA_BODY_TIMEOUT_S": f"{limits.body_timeout_s:g}",
-            "COREA_BODY_MIN_RATE_BPS": f"{limits.body_min_rate_bps:g}",
-            "COREA_MAX_BODY_BYTES": str(limits.max_body_bytes)}
+    env = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK,
+           "COREA_BODY_TIMEOUT_S": f"{limits.body_timeout_s:g}",
+           "COREA_BODY_MIN_RATE_BPS": f"{limits.body_min_rate_bps:g}",
+           "COREA_MAX_BODY_BYTES": str(limits.max_body_bytes),
+           "COREA_MAX_HEADERS": str(limits.max_headers),
+           "COREA_MAX_HEADER_BYTES": str(limits.max_header_bytes),
+           "COREA_HEADER_TIMEOUT_S": f"{limits.header_timeout_s:g}"}
+    if cfg.auth.api_key_sha256:
+        env["COREA_API_KEY_SHA256"] = ",".join(sorted(cfg.auth.api_key_sha256))
+    return env
 
 
 def build_cascade(cfg: ServeConfig):

@@ -32,9 +32,25 @@ def _overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_node() -> None:
+    """Make the Ray node this process starts listen on 127.0.0.1 only (GCS, raylet, workers, agents). ``ray.init``
+    has no public option for it: it turns a loopback ``_node_ip_address`` into the routable address
+    (``services.resolve_ip_for_localhost``), and Ray's servers bind every interface unless the node IP is
+    127.0.0.1 (``listen_to_localhost_only``). The node IP is 127.0.0.1 where Ray takes the machine for a single
+    node (``ray_constants.ENABLE_RAY_CLUSTER`` false, from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``)."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP
+
+
 def _connect(cfg) -> None:
     """Connect to ``ray.address`` (or ``RAY_ADDRESS``), else start a local cluster whose Serve proxies run
-    ``corea.serve.proxy_guard`` (a cluster started elsewhere needs ``proxy_env`` in its own environment)."""
+    ``corea.serve.proxy_guard`` (a cluster started elsewhere needs ``proxy_env`` in its own environment). A
+    local cluster serving on a loopback host keeps Ray's own ports (and its dashboard) on 127.0.0.1 too."""
     import ray
 
     from corea.serve.app import proxy_env
@@ -46,8 +62,10 @@ def _connect(cfg) -> None:
         ray.init(address=address)
     else:
         os.environ.update(proxy_env(cfg))
+        if cfg.http.host in LOOPBACK:
+            loopback_node()
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                 include_dashboard=cfg.ray.include_dashboard)
+                 include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -194,6 +194,9 @@ class LimitsConfig(StrictModel):
     max_prompt_tokens: int = Field(8192, ge=1)  # longer prompts (instruction included) get 400 from the tier
     body_timeout_s: float = Field(10.0, gt=0)  # the whole body must arrive within this (408 otherwise)
     body_min_rate_bps: float = Field(1024.0, gt=0)  # after a 1 s grace, at least this many bytes per second
+    max_headers: int = Field(100, ge=8)  # more request headers get 431 (Serve's proxy)
+    max_header_bytes: int = Field(32768, ge=1024)  # a longer request line + headers gets 431 (Serve's proxy)
+    header_timeout_s: float = Field(10.0, gt=0)  # headers not in within this of their first byte: 408 (proxy)
     max_messages: int = Field(256, ge=1)
     max_tokens: int = Field(4096, ge=1)  # a request asking for more gets 400
     default_max_tokens: int = Field(1024, ge=1)
