@@ -120,10 +120,15 @@ def test_check_prompt_waits_a_bounded_time_and_only_refusals_count():
 
     from corea.serve.cascade import TierUnavailable
 
-    ok, slow = Checked(None), Checked(None, delay=30)
+    ok, slow, quiet = Checked(None), Checked(None, delay=30), {}
+    for _ in range(3):
+        start = time.perf_counter()
+        asyncio.run(check_prompt({"slm": ok, "llm": slow}, [], {}, wait_s=0.5, quiet=quiet))  # not waited for long
+        assert time.perf_counter() - start < 2
+    assert set(quiet) == {"llm"}  # ... and only once in CHECK_QUIET_S
     start = time.perf_counter()
-    asyncio.run(check_prompt({"slm": ok, "llm": slow}, [], {}, wait_s=0.2))  # a silent tier is not waited for
-    assert time.perf_counter() - start < 2
+    asyncio.run(check_prompt({"slm": ok, "llm": slow}, [], {}, wait_s=0.5, quiet=quiet))
+    assert time.perf_counter() - start < 0.3
     asyncio.run(check_prompt({"slm": ok, "llm": Checked(TierUnavailable("llm", "down"))}, [], {}))
     with pytest.raises(TierRejected, match="too long"):
         asyncio.run(check_prompt({"slm": ok, "llm": Checked(TierRejected("too long"))}, [], {}))

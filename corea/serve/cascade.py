@@ -24,6 +24,7 @@ from corea.protocol import parse_response
 
 MODES = ("cascade", "slm", "llm")
 CHECK_WAIT_S = 2.0  # how long check_prompt waits for a tier's verdict before leaving the check to its own call
+CHECK_QUIET_S = 10.0  # how long a tier that gave no verdict is not asked again
 __all__ = ["Cascade", "CascadeResult", "CascadeStream", "TierAnswer", "TierClient", "TierOverloaded", "TierRejected",
            "TierUnavailable", "check_prompt"]
 
@@ -262,22 +263,34 @@ class Cascade:
 
 
 async def check_prompt(clients: dict[str, Any], messages: list[dict[str, str]], params: dict[str, Any],
-                       wait_s: float = CHECK_WAIT_S) -> None:
+                       wait_s: float = CHECK_WAIT_S, quiet: dict[str, float] | None = None,
+                       quiet_s: float = CHECK_QUIET_S) -> None:
     """Ask every tier a request may reach, all at once and before any of them generates, whether its model takes
     the request: the prompt within ``limits.max_prompt_tokens`` and prompt + ``max_tokens`` within the model's
     context (``continue_step`` with ``check_only``; clients without it are skipped). The first refusal is raised
     (``TierRejected``: HTTP 400), so that a prompt one tier cannot take is refused up front whatever the strategy
     and whichever tier would have answered. A tier that gives no verdict within ``wait_s`` (down, saturated) or
-    fails is left to its own calls, which check again before generating."""
-    checks = [asyncio.ensure_future(c.continue_step(messages, "", {**params, "check_only": True}))
-              for c in clients.values() if c is not None and hasattr(c, "continue_step")]
+    fails is left to its own calls, which check again before generating; with ``quiet`` (tier -> monotonic time,
+    kept by the caller across requests) it is not asked again for ``quiet_s``, so that an outage of the LLM costs
+    SLM-answered requests at most one wait per ``quiet_s``."""
+    now = time.monotonic()
+    asked = {t: c for t, c in clients.items()
+             if c is not None and hasattr(c, "continue_step") and (quiet or {}).get(t, 0.0) <= now}
+    checks = {t: asyncio.ensure_future(c.continue_step(messages, "", {**params, "check_only": True}))
+              for t, c in asked.items()}
     if not checks:
         return
     try:
-        done, _ = await asyncio.wait(checks, timeout=wait_s)
+        done, _ = await asyncio.wait(checks.values(), timeout=wait_s)
     finally:
-        for task in checks:
+        for task in checks.values():
             task.cancel()
-    for task in checks:
-        if task in done and not task.cancelled() and isinstance(task.exception(), TierRejected):
-            raise task.exception()
+    refused = None
+    for tier, task in checks.items():
+        failure = task.exception() if task in done and not task.cancelled() else TimeoutError()
+        if isinstance(failure, TierRejected):
+            refused = refused or failure
+        elif failure is not None and quiet is not None:
+            quiet[tier] = now + quiet_s
+    if refused is not None:
+        raise refused

@@ -189,6 +189,7 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
     answers requests whose model id or ``corea.strategy`` selects steer, stepwise_policy or cope."""
     app = FastAPI(title="COREA cascade", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     limits = settings.limits
+    silent_tiers: dict[str, float] = {}  # tiers that gave no prompt-check verdict lately (cascade.check_prompt)
     app.add_middleware(ClientGone, metrics=metrics)
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
@@ -274,7 +275,7 @@ def create_app(cascade: Cascade, settings: IngressSettings, metrics: CascadeMetr
             params = sampling(req)
             messages = with_instruction([m.as_chat() for m in req.messages])
             if mode not in ("slm", "llm"):  # a forced tier checks the request itself before it generates
-                await check_prompt({"slm": cascade.slm, "llm": cascade.llm}, messages, params)
+                await check_prompt({"slm": cascade.slm, "llm": cascade.llm}, messages, params, quiet=silent_tiers)
             tau = settings.threshold if req.corea.threshold is None else req.corea.threshold
             if strategies is not None and mode not in ("slm", "llm") and strategies.selects(mode, req.corea.strategy):
                 return await strategies.respond(req, messages, params, mode, model, start)
