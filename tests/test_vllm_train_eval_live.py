@@ -105,7 +105,7 @@ def test_smollm2_eval_on_gsm8k(local_ray, smollm2, tmp_path):
     from corea.evaluate.generate import GenerationJob, generate
     from corea.metrics import confidence_output_ratio
 
-    job = GenerationJob(role="smollm2", model_path=str(smollm2), backend="vllm", runs=1, max_tokens=256,
+    job = GenerationJob(role="smollm2", model_path=str(smollm2), backend="vllm", runs=1, max_tokens=192,
                         temperature=0.6, options=VLLM_OPTIONS, batch_size=8)
     frame = generate(job, load_dataset("gsm8k", limit=16), progress=False)
     pass_at_1 = float(frame["correct"].mean())

@@ -80,7 +80,10 @@ _CARRY = ("dataset", "group", "id", "gold", "kind")
 
 
 class GenerateBatch:
-    """Ray Data callable class: an engine of ``job.backend``; each question row becomes ``runs`` output rows."""
+    """Ray Data callable class: an engine of ``job.backend``; each question row becomes ``runs`` output rows.
+
+    Each question is sampled with its own seed. The transformers engine takes the questions one call each; vLLM's
+    async engine takes the whole batch at once (one request per question, batched continuously by vLLM)."""
 
     def __init__(self, job: GenerationJob):
         import torch
@@ -89,16 +92,27 @@ class GenerateBatch:
 
         torch.set_num_threads(max(1, int(job.num_cpus)))
         self.job = job
-        self.engine = load_engine(job.model_path, job.backend, **job.options)
+        options = {"async_engine": True, **job.options} if job.backend == "vllm" else job.options
+        self.engine = load_engine(job.model_path, job.backend, **options)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import asyncio
+
         from corea.engines import SamplingParams
 
         job, out = self.job, []
-        for row in batch.itertuples(index=False):
-            params = SamplingParams(n=job.runs, temperature=job.temperature, top_p=job.top_p,
-                                    max_tokens=job.max_tokens, seed=int(row.seed))
-            gen = self.engine.generate([json.loads(row.messages)], params)[0]
+        rows = list(batch.itertuples(index=False))
+        prompts = [json.loads(row.messages) for row in rows]
+        params = [SamplingParams(n=job.runs, temperature=job.temperature, top_p=job.top_p,
+                                 max_tokens=job.max_tokens, seed=int(row.seed)) for row in rows]
+        if hasattr(self.engine, "agenerate"):
+            async def together():
+                return await asyncio.gather(*(self.engine.agenerate([m], p) for m, p in zip(prompts, params)))
+
+            gens = [g[0] for g in asyncio.run(together())]
+        else:
+            gens = [self.engine.generate([m], p)[0] for m, p in zip(prompts, params)]
+        for row, gen in zip(rows, gens):
             for run, s in enumerate(gen.samples):
                 out.append({**{k: getattr(row, k) for k in _CARRY}, "run": run, "model": job.role,
                             "model_path": job.model_path, "response": s.text, "prompt_tokens": gen.prompt_tokens,
