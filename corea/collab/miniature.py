@@ -98,13 +98,16 @@ def record(chain: Chain, split: str, i: int) -> Record:
                   meta={"split": split, "has_product": chain.has_product, "plan": chain.plan})
 
 
-def build_splits(seed: int = 0, per_split: int = 30) -> dict[str, list[tuple[Chain, Record]]]:
-    """Disjoint train / calibration / eval questions, half of each with one multiplication."""
+def build_splits(seed: int = 0, per_split: int = 30, sizes: dict[str, int] | None = None
+                 ) -> dict[str, list[tuple[Chain, Record]]]:
+    """Disjoint train / calibration / eval questions, half of each with one multiplication; ``sizes`` (split ->
+    questions) overrides ``per_split`` for the splits it names."""
     rng, seen, out = random.Random(seed), set(), {}
-    # (about 400 distinct product chains and 700 others exist; 3 x per_split must stay well below that)
+    sizes = {k: per_split for k in ("train", "cal", "eval")} | dict(sizes or {})
+    # (about 400 distinct product chains and 700 others exist; the splits together must stay well below that)
     for split in ("train", "cal", "eval"):
         items = []
-        while len(items) < per_split:
+        while len(items) < sizes[split]:
             chain = make_chain(rng, with_product=len(items) % 2 == 0)
             if chain.question not in seen:
                 seen.add(chain.question)

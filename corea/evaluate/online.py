@@ -20,9 +20,10 @@ import numpy as np
 
 from corea import grading, metrics
 from corea.collab.mixture import StepMixture
-from corea.collab.policy import StepPolicy, calibrate_threshold, reinforce_step, reward
+from corea.collab.policy import StepPolicy, calibrate_threshold
 from corea.collab.strategies import Settings, run, stepwise_policy
-from corea.collab.tiers import EngineTiers
+from corea.collab.cache import CachedTiers
+from corea.collab.tiers import EngineTiers, Tiers
 from corea.collab.trace import Call, CostModel, Trace
 from corea.data import Record
 
@@ -30,10 +31,21 @@ log = logging.getLogger(__name__)
 SYSTEM_FIELDS = ("pass_at_1", "cost_rel", "cost_rel_cached", "flops_rel", "llm_share")
 
 
-def run_traces(strategy: str, engines: dict, records: Sequence[Record], params: dict, s: Settings,
+def cached_tiers(engines: dict) -> CachedTiers:
+    """The two engines behind one generation cache (``corea.collab.cache``): pass it wherever ``engines`` goes
+    and every later sweep, training iteration or run reuses the steps already generated."""
+    return CachedTiers(lambda: EngineTiers(engines["slm"], engines["llm"]))
+
+
+def tiers_of(engines) -> Tiers:
+    """``engines``: {"slm", "llm"} engines (batched, uncached) or a ``Tiers`` object such as ``cached_tiers``."""
+    return engines if hasattr(engines, "step") else EngineTiers(engines["slm"], engines["llm"])
+
+
+def run_traces(strategy: str, engines, records: Sequence[Record], params: dict, s: Settings,
                explore: np.random.Generator | None = None) -> list[Trace]:
     """Every record through ``strategy``, concurrently (the engine calls are batched)."""
-    tiers = EngineTiers(engines["slm"], engines["llm"])
+    tiers = tiers_of(engines)
 
     async def main():
         if strategy in ("slm", "llm"):
@@ -119,26 +131,14 @@ def fit_mixture(engines, records, params, s: Settings, seed: int = 0) -> StepMix
 
 
 def train_policy(engines, records, params, s: Settings, model: CostModel, lam: float = 0.3, iterations: int = 12,
-                 lr: float = 0.02, seed: int = 0) -> tuple[StepPolicy, list[dict[str, float]]]:
-    """REINFORCE on ``records``: each iteration runs every question once with sampled actions."""
-    import torch
+                 lr: float = 0.02, seed: int = 0, **training) -> tuple[StepPolicy, list[dict[str, float]]]:
+    """REINFORCE on ``records`` (``corea.evaluate.policy_training``). The defaults are the cheap run of
+    ``corea eval`` / ``corea demo``: one sampled trace per question per iteration, batch-mean baseline;
+    ``training`` sets the rest of ``TrainingConfig`` (samples, baseline, returns, derived inputs, plateau)."""
+    from corea.evaluate.policy_training import TrainingConfig, train
 
-    llm = single_tier("llm", engines, records, params, model)
-    policy = StepPolicy(seed=seed)
-    with torch.no_grad():
-        policy.net[-1].bias.fill_(-1.0)  # start mostly with the SLM: P(call LLM) ~ 0.27
-    opt = torch.optim.Adam(policy.net.parameters(), lr=lr)
-    rng, history = np.random.default_rng(seed), []
-    for it in range(iterations):
-        traces = run_traces("stepwise_policy", engines, records, params, replace(s, policy=policy), explore=rng)
-        out = outcome("stepwise_policy", None, traces, records, model)
-        rel = out.cost / llm.cost
-        episodes = [(t.decisions, reward(y, c, lam)) for t, y, c in zip(traces, out.correct, rel)]
-        loss = reinforce_step(policy, opt, episodes)
-        history.append({"iteration": it, "pass_at_1": float(out.correct.mean()), "cost_rel": float(rel.mean()),
-                        "reward": float(np.mean([r for _, r in episodes])), "loss": loss})
-        log.info("policy iteration %d: %s", it, history[-1])
-    return policy, history
+    cfg = TrainingConfig(lam=lam, iterations=iterations, lr=lr, seed=seed, **training)
+    return train(engines, records, params, s, model, cfg)
 
 
 def system_row(name: str, held: Outcome, llm_only: Outcome, n_boot: int = 1000) -> dict[str, Any]:
@@ -200,6 +200,7 @@ def evaluate_strategies(cfg, paths: dict[str, str], questions: Sequence[Record])
               "top_p": cfg.generation.top_p, "seed": cfg.seed}
     base = Settings(max_steps=sc.max_steps, max_step_tokens=sc.max_step_tokens, aggregate=sc.aggregate,
                     lookahead=sc.lookahead)
+    engines = cached_tiers(engines)  # seeded sampling: the sweeps and the policy's training share the steps
     split = split_questions(questions, cfg.seed, sc.train_fraction, sc.calibration_fraction)
     if not split["cal"] or not split["eval"]:
         raise ValueError("strategies: the calibration or held-out split is empty (too few questions)")
