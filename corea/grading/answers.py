@@ -4,6 +4,8 @@
 - ``prescreen``: an expression that would make sympy hang is rejected in microseconds, by its text alone.
 - ``extract_choice`` / ``choice_gold_letter``: the option letter of a response, as evaluation harnesses read
   it, and of a gold (``normalize_choice_gold``, the loaders' check: ``X``, ``(X) text`` or ``X text``).
+
+Each reads model output in time linear in its length (``tests/test_grading_linear.py``).
 """
 
 from __future__ import annotations
@@ -114,12 +116,16 @@ _ANSWER_WORDS = ("إجابة", "яуап", "erantzuna", "адказ", "উত্
 _UNSPACED_WORDS = ("答案", "回答", "คำตอบ")
 _ANSWER_WORD = rf"(?:(?<![^\W\d_])(?:{'|'.join(_ANSWER_WORDS)})|{'|'.join(_UNSPACED_WORDS)})"
 _CJK = "\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # ideographs, kana, full-width forms
+# Model output is read in time linear in its length: in these patterns no two whitespace runs meet with only
+# optional text between them (``\s*(?:\*\*)?\s*`` splits n spaces n + 1 ways and a failed match tries each:
+# quadratic); the optional text carries the run after it instead (``\s*(?:\*\*\s*)?``), the same strings match.
 _GOLD_LETTER = re.compile(rf"\(({_L})\)(?:\s+\S.*)?|({_L})(?:[.):]?\s+\S.*|[.):]?)", re.DOTALL)
-_BOXED_LETTER = re.compile(rf"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{{)?\s*\(?({_L})\)?\s*\}}?\s*(?:[.:)]\s*\S.*)?", re.DOTALL)
+_BOXED_LETTER = re.compile(rf"\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{{\s*)?\(?({_L})\)?"
+                           rf"\s*(?:\}}\s*)?(?:[.:)]\s*\S.*)?", re.DOTALL)
 _ANSWER_IS = re.compile(rf"(?i:answer\s+is\b|{_ANSWER_WORD})[^\n.。।۔]{{0,40}}?"
                         rf"(?<![A-Za-z])\(?({_L})\)?(?![A-Za-z0-9])")
-_ANSWER_COLON = re.compile(rf"(?i:answer|{_ANSWER_WORD})\s*[:：]\s*(?:\*\*)?\s*\(?({_L})\)?(?![A-Za-z0-9])")
-_LEADING = re.compile(rf"\s*(?:\*\*)?\s*(?:\(({_L})\)|({_L})(?:[.):।۔]|(?=[{_CJK}])|\s*$))")
+_ANSWER_COLON = re.compile(rf"(?i:answer|{_ANSWER_WORD})\s*[:：]\s*(?:\*\*\s*)?\(?({_L})\)?(?![A-Za-z0-9])")
+_LEADING = re.compile(rf"\s*(?:\*\*\s*)?(?:\(({_L})\)|({_L})(?:[.):।۔]|(?=[{_CJK}])|\s*$))")
 _STANDALONE = re.compile(rf"(?<![A-Za-z0-9\\])\(?({_L})\)?(?![A-Za-z0-9])")
 
 
@@ -172,6 +178,9 @@ _OPENER = {"}": "{", ")": "(", "]": "["}
 _STRUCTURAL = re.compile(r"\\(?:left|right|cdot|times|[dtc]?frac|sqrt|[bB]igg?[lr]?|[,;:! ])")
 _PLAIN = re.compile(r"[+-]?\d+(?:\.\d*)?")
 _FACTORIAL = re.compile(r"(\d+)\s*!")
+# a number or a closing bracket before "!"; a digit run is read from its first digit only: a search from each of
+# its n digits would scan the whole run n times (quadratic), and a match can only start at the first anyway
+_FACTORIAL_SITE = re.compile(r"((?<!\d)\d+|[})\]])\s*!")
 _TOKEN = re.compile(r"\s*(?:\d+(?:\.\d+)?|\\?[A-Za-z]+)")
 
 
@@ -192,62 +201,117 @@ def _pairs(s: str) -> tuple[dict[int, int], int]:
     return pairs, deepest
 
 
+_LEVEL_SCAN = {chars: re.compile(rf"[{{}}()\[\]{re.escape(chars)}]") for chars in ("+-", "*", "^")}
+_SAME_BRACKETS = {"{": re.compile(r"[{}]"), "(": re.compile(r"[()]")}
+_DEEPEST_READ = 2 * MAX_NESTING  #: deepest recursion of ``_log10_value``; deeper reads are symbolic (None)
+
+
 def _top_level(t: str, chars: str) -> list[int]:
     """Positions of binary operators in ``chars`` outside brackets."""
     out, depth = [], 0
-    for i, c in enumerate(t):
-        depth += (c in "{([") - (c in "})]")
-        if depth == 0 and c in chars and i > 0 and t[i - 1] not in "+-*/^(":
+    if not any(c in t for c in chars):
+        return out
+    for m in _LEVEL_SCAN[chars].finditer(t):  # brackets and operators only: other characters do not count
+        c, i = m.group(), m.start()
+        if c in "{([":
+            depth += 1
+        elif c in "})]":
+            depth -= 1
+        elif depth == 0 and i > 0 and t[i - 1] not in "+-*/^(":
             out.append(i)
     return out
 
 
-def _log10_value(t: str, depth: int = 0) -> float | None:
-    """Upper bound on log10|value| of a numeric expression (numbers, ^, !, *, +, -); None if symbolic."""
-    t = _STRUCTURAL.sub(lambda m: "*" if m.group() in ("\\cdot", "\\times") else "", t).strip()
-    while len(t) > 1 and t[0] + t[-1] in ("{}", "()") and _pairs(t)[0].get(0) == len(t) - 1:
-        t = t[1:-1].strip()
-    if depth > 2 * MAX_NESTING or not t:
-        return None
-    if _PLAIN.fullmatch(t):
-        digits = t.lstrip("+-").split(".")[0].lstrip("0")
-        return math.log10(float(digits)) if 0 < len(digits) < 300 else float(len(digits))
-    if (m := _FACTORIAL.fullmatch(t)) and len(m.group(1)) < 300:
-        return math.lgamma(int(m.group(1)) + 1) / math.log(10)
-    for chars in ("+-", "*", "^"):
-        if not (cuts := _top_level(t, chars)):
-            continue
-        if chars == "^":  # right-associative tower: a^(b^(...))
-            base, exponent = _log10_value(t[: cuts[0]], depth + 1), _log10_value(t[cuts[0] + 1 :], depth + 1)
-            if base is None or exponent is None:
-                return None
-            return math.inf if exponent > 300 else base * 10**exponent
-        logs = [_log10_value(t[a + 1 : b], depth + 1) for a, b in zip([-1, *cuts], [*cuts, len(t)])]
-        if any(x is None for x in logs):
-            return None
-        return max(logs) + math.log10(len(logs)) if chars == "+-" else sum(logs)
+def _closing(t: str) -> int | None:
+    """Index of the bracket that closes ``t[0]`` (``{`` or ``(``) as ``_pairs`` pairs it; None when none does."""
+    depth = 0
+    for m in _SAME_BRACKETS[t[0]].finditer(t):
+        depth += 1 if m.group() == t[0] else -1
+        if depth == 0:
+            return m.start()
     return None
 
 
-def _exponent(s: str, i: int, pairs: dict[int, int]) -> str:
-    """The exponent after the ``^`` at ``i``, with any ``^`` chained to it (a^b^c = a^(b^c))."""
-    parts = []
-    while i < len(s) and s[i] == "^":
-        j = i + 1
-        while j < len(s) and s[j] == " ":
-            j += 1
-        if j < len(s) and s[j] in "{(":
-            end = pairs.get(j, len(s))
-            parts.append(s[j : end + 1])
-        elif m := _TOKEN.match(s, j):
-            end = m.end() - 1
-            parts.append(m.group())
+def _structural(m: re.Match) -> str:
+    return "*" if m.group() in ("\\cdot", "\\times") else ""
+
+
+def _log10_value(t: str, depth: int = 0, memo: dict | None = None) -> float | None:
+    """Upper bound on log10|value| of a numeric expression (numbers, ^, !, *, +, -); None if symbolic or nested
+    deeper than ``_DEEPEST_READ`` levels below ``depth``. ``memo``: readings already made, shared between calls
+    on parts of one expression (a tower's exponents are each other's suffixes)."""
+    room = _DEEPEST_READ - depth
+    value, height = _value_height(t, room, {} if memo is None else memo)
+    return value if value is not None and height <= room else None
+
+
+def _value_height(t: str, room: int, memo: dict) -> tuple[float | None, float]:
+    """``(value, height)`` of ``t`` read with ``room`` levels of recursion left: ``value`` is the bound and
+    ``height`` the depth of its reading when that fits in ``room``; ``(None, inf)`` when symbolic; ``(None, h)``,
+    h > room a lower bound of the height, when the reading is deeper than ``room``. A reading is a function of
+    the text after the structural commands are removed, whatever its depth, so it is remembered by that text
+    with its height: ``_log10_value`` at any depth is the value when depth + height fits, else None."""
+    t = _STRUCTURAL.sub(_structural, t).strip()
+    if (known := memo.get(t)) is not None and (known[0] is not None or known[1] > room):
+        return known
+    key = t
+    while len(t) > 1 and t[0] + t[-1] in ("{}", "()") and _closing(t) == len(t) - 1:
+        t = t[1:-1].strip()
+    if room < 0:
+        return None, 0  # deeper than the room: not remembered
+    memo[key] = found = _read(t, room, memo)
+    return found
+
+
+def _read(t: str, room: int, memo: dict) -> tuple[float | None, float]:
+    """``_value_height`` of ``t`` once stripped and unwrapped."""
+    if not t:
+        return None, math.inf
+    if _PLAIN.fullmatch(t):
+        digits = t.lstrip("+-").split(".")[0].lstrip("0")
+        return (math.log10(float(digits)) if 0 < len(digits) < 300 else float(len(digits))), 0
+    if (m := _FACTORIAL.fullmatch(t)) and len(m.group(1)) < 300:
+        return math.lgamma(int(m.group(1)) + 1) / math.log(10), 0
+    for chars in ("+-", "*", "^"):
+        if not (cuts := _top_level(t, chars)):
+            continue
+        if chars == "^":  # right-associative tower: a^(b^(...)), one level deeper per ^
+            if len(cuts) > room:
+                return None, len(cuts)
+            pieces = [t[: cuts[0]], t[cuts[0] + 1 :]]
         else:
-            break
-        i = end + 1
-        while i < len(s) and s[i] == " ":
-            i += 1
-    return "^".join(parts)
+            pieces = [t[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(t)])]
+        found = [_value_height(piece, room - 1, memo) for piece in pieces]
+        if any(value is None and height == math.inf for value, height in found):
+            return None, math.inf
+        if (height := 1 + max(height for _, height in found)) > room:
+            return None, height  # a piece is read deeper than the room
+        logs = [value for value, _ in found]
+        if chars == "^":
+            base, exponent = logs
+            return (math.inf if exponent > 300 else base * 10**exponent), height
+        return (max(logs) + math.log10(len(logs)) if chars == "+-" else sum(logs)), height
+    return None, math.inf
+
+
+def _exponent_part(s: str, i: int, pairs: dict[int, int]) -> tuple[str | None, int]:
+    """The first part of the exponent after the ``^`` at ``i`` (a bracketed group or a token; None when there is
+    none) and the index after it and the spaces that follow (a ``^`` there chains: a^b^c = a^(b^c))."""
+    j = i + 1
+    while j < len(s) and s[j] == " ":
+        j += 1
+    if j < len(s) and s[j] in "{(":
+        end = pairs.get(j, len(s))
+        part = s[j : end + 1]
+    elif m := _TOKEN.match(s, j):
+        end = m.end() - 1
+        part = m.group()
+    else:
+        return None, i
+    i = end + 1
+    while i < len(s) and s[i] == " ":
+        i += 1
+    return part, i
 
 
 def _base(s: str, i: int, pairs: dict[int, int]) -> tuple[str, bool]:
@@ -264,26 +328,42 @@ def _base(s: str, i: int, pairs: dict[int, int]) -> tuple[str, bool]:
 
 
 def _measures(s: str) -> tuple[float, float, float, int]:
-    """log10 of the largest exponent, expansion (monomials) and factorial argument; the deepest nesting."""
+    """log10 of the largest exponent, expansion (monomials) and factorial argument; the deepest nesting.
+
+    The exponent of a ``^`` runs on through any ``^`` chained to it (a^b^c = a^(b^c)). The carets are read from
+    the right, each exponent built from the one of the next caret in its chain and read with the readings of
+    that one remembered; an exponent of more than ``_DEEPEST_READ + 1`` parts is deeper than ``_log10_value``
+    reads (None) and is not built. So a tower costs time linear in its length."""
     s = s.replace("**", "^")
     pairs, deepest = _pairs(s)
     exp_lg = mono_lg = fact_lg = 0.0
     if deepest > MAX_NESTING:
         return exp_lg, mono_lg, fact_lg, deepest
-    for m in re.finditer(r"\^", s):
-        if (exponent := _log10_value(_exponent(s, m.start(), pairs))) is None:
+    memo: dict = {}
+    towers: dict[int, tuple[str | None, int]] = {}  # caret -> (its exponent or None when too long, its parts)
+    for i in reversed([m.start() for m in re.finditer(r"\^", s)]):
+        part, after = _exponent_part(s, i, pairs)
+        if part is None:
+            towers[i] = ("", 0)
+            continue
+        rest, parts = towers.get(after, ("", 0)) if after < len(s) and s[after] == "^" else ("", 0)
+        parts += 1
+        text = None if parts > _DEEPEST_READ + 1 else f"{part}^{rest}" if rest else part
+        towers[i] = (text, parts)
+        if text is None or (exponent := _log10_value(text, memo=memo)) is None:
             continue
         exp_lg = max(exp_lg, exponent)
-        base, grouped = _base(s, m.start(), pairs)
+        base, grouped = _base(s, i, pairs)
         terms = len(_top_level(base.replace("\\pm", "+").replace("\\mp", "-").strip().lstrip("+-"), "+-")) + 1
         if grouped and terms > 1 and re.search(r"[A-Za-z]", _STRUCTURAL.sub("", base)):
             n = 10 ** min(exponent, 12)  # (t terms)^n has C(n + t - 1, t - 1) monomials
             mono_lg = max(mono_lg, (math.lgamma(n + terms) - math.lgamma(n + 1) - math.lgamma(terms)) / math.log(10))
-    for m in re.finditer(r"(\d+|[})\]])\s*!", s):
+    for m in _FACTORIAL_SITE.finditer(s):
         if (arg := m.group(1)).isdigit():
-            fact_lg = max(fact_lg, math.log10(int(arg)) if len(arg) < 300 else float(len(arg)))
+            # 0! is 1: log10 of the argument counts from 1
+            fact_lg = max(fact_lg, math.log10(max(int(arg), 1)) if len(arg) < 300 else float(len(arg)))
         elif m.start() in pairs:
-            fact_lg = max(fact_lg, _log10_value(s[pairs[m.start()] + 1 : m.start()]) or 0.0)
+            fact_lg = max(fact_lg, _log10_value(s[pairs[m.start()] + 1 : m.start()], memo=memo) or 0.0)
     return exp_lg, mono_lg, fact_lg, deepest
 
 
