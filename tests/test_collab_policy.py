@@ -214,3 +214,24 @@ def test_generation_cache_makes_inner_tiers_per_event_loop():
     assert asyncio.run(tiers.step("slm", msgs, "p", seeded)).text == first.text and len(made) == 1
     asyncio.run(tiers.step("slm", msgs, "q", seeded))
     assert len(made) == 2 and tiers.misses == 2 and tiers.hits == 1
+
+
+def test_training_is_reproducible():
+    records = [Record(id=f"q{i}", question=f"q{i} h{(i % 3) if i % 2 else -1}", gold="1", kind="math")
+               for i in range(6)]
+    s = Settings(max_steps=3, max_step_tokens=8, aggregate="min")
+    cfg = TrainingConfig(lam=0.3, iterations=3, samples=2, baseline="loo", returns="to_go")
+    runs = [train(HardStepTiers(), records, {"max_tokens": 64}, s, CostModel(ratio=4.0), cfg)[1] for _ in range(2)]
+    assert [(h["reward"], h["llm_step_share"]) for h in runs[0]] == [(h["reward"], h["llm_step_share"]) for h in runs[1]]
+
+
+def test_plots_are_written(tmp_path):
+    from corea.evaluate.frontier_plots import frontiers, learning_curves
+
+    rows = [{"iteration": i, "reward": 0.1 * i, "pass_at_1": 0.5, "cost_rel": 1.0, "llm_step_share": 0.3}
+            for i in range(4)]
+    assert learning_curves({0.1: rows, 0.3: rows}, tmp_path / "a.png").stat().st_size > 0
+    line = [{"cost_rel": c, "pass_at_1": p} for c, p in ((0.5, 0.3), (1.0, 0.6), (2.0, 0.7))]
+    out = frontiers({"policy": line, "steer": line}, {"LLM-only": (1.0, 0.7)}, {"policy": (1.0, 0.6)},
+                    tmp_path / "b.png", target=(0.7, 0.02))
+    assert out.stat().st_size > 0

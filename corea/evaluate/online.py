@@ -44,15 +44,18 @@ def tiers_of(engines) -> Tiers:
 
 def run_traces(strategy: str, engines, records: Sequence[Record], params: dict, s: Settings,
                explore: np.random.Generator | None = None) -> list[Trace]:
-    """Every record through ``strategy``, concurrently (the engine calls are batched)."""
+    """Every record through ``strategy``, concurrently (the engine calls are batched). With ``explore`` the
+    stepwise policy samples its actions, each record from its own child generator of ``explore`` (so the
+    draws do not depend on the order in which the concurrent traces reach their decisions)."""
     tiers = tiers_of(engines)
+    rngs = explore.spawn(len(records)) if explore is not None else None
 
     async def main():
         if strategy in ("slm", "llm"):
             return await asyncio.gather(*(single(tiers, strategy, r.messages(), params) for r in records))
         if explore is not None:
-            return await asyncio.gather(*(stepwise_policy(tiers, r.messages(), params, s, explore=explore)
-                                          for r in records))
+            return await asyncio.gather(*(stepwise_policy(tiers, r.messages(), params, s, explore=g)
+                                          for r, g in zip(records, rngs)))
         return await asyncio.gather(*(run(strategy, tiers, r.messages(), params, s) for r in records))
 
     return list(asyncio.run(main()))
