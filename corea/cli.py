@@ -20,16 +20,30 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import time
 
+    from pathlib import Path
+
+    from corea.console import quiet
     from corea.demo.pipeline import FULL, QUICK, run_demo
 
-    run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port, size=QUICK if args.quick else FULL)
-    if not args.no_serve:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopped")
+    log_path = Path(args.out) / "logs" / "demo.log"
+    print(f"corea demo: the demo's own lines here; Ray's, the libraries' and every warning in {log_path}"
+          + ("" if args.verbose else " (-v: everything here)"), flush=True)
+    with quiet(log_path) if not args.verbose else _nothing():
+        run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port,
+                 size=QUICK if args.quick else FULL)
+        if not args.no_serve:
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("stopped")
     return 0
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the miniature COREA pipeline end to end on a local Ray cluster")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the cascade")
-    p.add_argument("--steps", type=int, default=None, help="GRPO steps of each RL run (default 100; 2 with --quick)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving the strategies")
+    p.add_argument("--steps", type=int, default=None, help="GRPO steps of each RL run (default 80; 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="every stage on small subsets (a few minutes): a smoke test")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served cascade")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the served strategies")
     p.set_defaults(func=_demo)
 
     from corea.evaluate.cli import add_eval_parser

@@ -69,3 +69,17 @@ def test_report_shows_the_strategies(run, tmp_path):
     assert rows["steer"]["pass_at_1_low"] <= rows["steer"]["pass_at_1"] <= rows["steer"]["pass_at_1_high"]
     assert (report / "strategies_pareto.png").stat().st_size > 0 and (report / "llm_call_positions.png").exists()
     assert "Table 1: pass@1" in md  # the cascade tables are still there
+
+
+def test_what_is_fitted_is_written_for_serving(run):
+    """The mixture, the policy and every chosen tau land in output_dir/strategies, as a serve config reads them."""
+    from corea.evaluate.online import STRATEGY_DIR, serve_settings
+    from corea.serve.config import load_serve_config
+
+    cfg, _, frame = run
+    section = serve_settings(cfg.out_dir / STRATEGY_DIR)
+    held = frame[frame["split"] == "eval"].groupby("strategy")["threshold"].first()
+    assert section["thresholds"] == {k: float(held[k]) for k in ("steer", "stepwise_policy", "cope")}
+    serve = load_serve_config({"name": "c", "slm": {"model": "tiny:slm"}, "llm": {"model": "tiny:llm"},
+                               "strategies": section})
+    assert serve.strategies.policy_path and serve.strategies.mixture_path and serve.strategies.max_step_tokens == 5

@@ -235,3 +235,32 @@ def test_plots_are_written(tmp_path):
     out = frontiers({"policy": line, "steer": line}, {"LLM-only": (1.0, 0.7)}, {"policy": (1.0, 0.6)},
                     tmp_path / "b.png", target=(0.7, 0.02))
     assert out.stat().st_size > 0
+
+
+def test_what_evaluation_writes_configures_serving(tmp_path):
+    """`corea eval`'s strategies folder becomes a serve config's strategies section; without a policy, a
+    stepwise_policy request's 400 names the command that writes one."""
+    import json
+
+    from corea.evaluate.online import serve_settings
+    from corea.serve.config import load_serve_config
+    from corea.serve.openai_schema import ApiError
+    from corea.serve.strategies import StrategyServer
+    from support import write_quiet_policy
+
+    write_quiet_policy(tmp_path / "stepwise_policy.json")
+    (tmp_path / "steer_mixture.json").write_text(StepMixture((0.3, 0.7), (0.45, 0.98), (0.05, 0.001)).to_json())
+    (tmp_path / "strategies.json").write_text(json.dumps(
+        {"thresholds": {"cascade": 0.4, "steer": 0.75, "stepwise_policy": 0.25, "cope": 0.5},
+         "max_steps": 2, "max_step_tokens": 16, "aggregate": "min", "lookahead": None}))
+    section = serve_settings(tmp_path)
+    base = {"name": "c", "slm": {"model": "tiny:slm"}, "llm": {"model": "tiny:llm"}}
+    cfg = load_serve_config({**base, "strategies": {**section, "model_ids": {"corea-steer": "steer"}}})
+    st = cfg.strategies
+    assert st.thresholds == {"steer": 0.75, "stepwise_policy": 0.25, "cope": 0.5} and st.max_steps == 2
+    server = StrategyServer(None, None, cfg, None)
+    assert server.settings("stepwise_policy", None).threshold == 0.25 and server.base.mixture is not None
+    bare = StrategyServer(None, None, load_serve_config(base), None)
+    with pytest.raises(ApiError) as err:
+        bare.settings("stepwise_policy", None)
+    assert err.value.status == 400 and "corea eval --config" in str(err.value.message)

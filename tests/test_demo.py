@@ -8,19 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from corea.demo.pipeline import MAX_PASS_DROP, STAGES, check
+from corea.demo.pipeline import STAGES
+from corea.demo.verdict import PAPER_MAX_DROP, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_check_reads_summary():
-    summary = {"systems": {"COREA": {"in_domain": {"pass_at_1": 0.80, "relative_cost": 0.6, "llm_pct": 40.0}}},
-               "llm": {"in_domain": {"pass_at_1": 0.82}}}
-    assert check(summary)[0]
-    summary["systems"]["COREA"]["in_domain"]["relative_cost"] = 1.2
-    assert not check(summary)[0]
-    summary["systems"]["COREA"]["in_domain"].update(relative_cost=0.5, pass_at_1=0.82 - MAX_PASS_DROP - 0.01)
-    assert not check(summary)[0]
+def _claim_summary(corea: float, cost: float, llm: float, other: float = 0.5) -> dict:
+    return {"groups": ["in_domain", "ood_math"],
+            "systems": {"COREA": {g: {"pass_at_1": corea, "relative_cost": cost, "llm_pct": 40.0}
+                                  for g in ("in_domain", "ood_math")},
+                        "RLVR-SLM-Probe": {g: {"pass_at_1": other, "relative_cost": 0.7, "llm_pct": 50.0}
+                                           for g in ("in_domain", "ood_math")}},
+            "llm": {g: {"pass_at_1": llm} for g in ("in_domain", "ood_math")}}
+
+
+def test_verdict_is_the_papers_claim_per_group():
+    ok, lines = verdict(_claim_summary(corea=0.81, cost=0.6, llm=0.82))
+    assert ok and len(lines) == 2 and "meets the paper's criterion" in lines[0] and lines[0].startswith("In-domain")
+    assert "drop +1.0 points" in lines[0] and "cost -40.0%" in lines[0]
+    assert not verdict(_claim_summary(corea=0.81, cost=1.2, llm=0.82))[0]  # not cheaper
+    assert not verdict(_claim_summary(corea=0.82 - PAPER_MAX_DROP - 0.01, cost=0.5, llm=0.82))[0]
+    # COREA above a weak LLM is never OK: LLM-only must be the most accurate row
+    ok, lines = verdict(_claim_summary(corea=0.48, cost=0.75, llm=0.38, other=0.51))
+    assert not ok and "LLM-only is not the most accurate row (RLVR-SLM-Probe 0.510)" in lines[0]
 
 
 def test_ood_splits_are_disjoint_and_graded_by_their_kind():
@@ -77,6 +88,7 @@ def test_demo_quick_has_every_system_in_every_group(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for n in range(1, STAGES + 1):
         assert f"[{n}/{STAGES}]" in run.stdout
+    assert "The paper's claim" in run.stdout and "In-domain: COREA pass@1" in run.stdout
     report = out / "eval" / "report"
     summary = json.loads((report / "summary.json").read_text())
     groups = ("in_domain", "ood_math", "ood_nonmath")

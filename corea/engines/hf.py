@@ -106,6 +106,8 @@ class HFEngine:
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         forward_args = inspect.signature(self.model.forward).parameters
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+        # the KV cache's keyword: ``cache`` from transformers 5.2x on (``past_key_values`` is deprecated there)
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
 
     # ---------------------------------------------------------------- prompts
     def render(self, prompt: Prompt) -> str:
@@ -191,7 +193,7 @@ class HFEngine:
             **self._last_logits_only,
         )
         fan = torch.tensor([slot[r.prompt] for r in rows], device=dev)
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_arg) if self._cache_arg == "past_key_values" else out["cache"]
         cache.reorder_cache(fan)  # each sample gets its own copy of its prompt's KV cache
         logits, mask = out.logits[:, -1][fan], mask[fan]
         positions = mask.sum(-1)
@@ -242,7 +244,7 @@ class HFEngine:
                 input_ids=tokens.unsqueeze(-1),
                 attention_mask=mask,
                 position_ids=positions.unsqueeze(-1),
-                past_key_values=cache,
+                **{self._cache_arg: cache},
                 use_cache=True,
             )
             positions = positions + 1

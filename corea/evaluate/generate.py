@@ -262,7 +262,10 @@ def generate(job: GenerationJob, records: Sequence[Record], progress: bool = Tru
     totals = pd.Series([r.dataset for r in records]).value_counts() * job.runs
     done = dict.fromkeys(totals.index, 0)
     frames = []
-    with tqdm(total=int(totals.sum()), desc=f"eval {job.role}", unit="row", disable=not progress) as bar:
+    from corea.console import terminal
+
+    with tqdm(total=int(totals.sum()), desc=f"eval {job.role}", unit="row", disable=not progress,
+              file=terminal()) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             frames.append(batch)
             for name, n in batch["dataset"].value_counts().items():

@@ -12,8 +12,10 @@ a bootstrap interval over questions.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -157,6 +159,8 @@ def llm_call_positions(traces: Sequence[Trace]) -> list[int]:
 
 # ------------------------------------------------------------------------------ `corea eval` integration
 STRATEGY_RECORDS_FILE = "strategy_records.parquet"
+#: Under ``output_dir``: what ``corea serve`` needs to serve the strategies as evaluated (``serve_settings``).
+STRATEGY_DIR = "strategies"
 SYSTEM_NAMES = {"cascade": "COREA (online)", "steer": "STEER", "stepwise_policy": "Stepwise policy", "cope": "COPE"}
 
 
@@ -170,17 +174,15 @@ def split_questions(records: Sequence[Record], seed: int, train: float, cal: flo
     return out
 
 
-def _rows(o: Outcome, records, llm: Outcome, split: str) -> list[dict[str, Any]]:
-    import json
-
+def _rows(o: Outcome, records, llm: Outcome, split: str, max_drop: float) -> list[dict[str, Any]]:
     return [{"dataset": r.dataset, "id": r.id, "strategy": o.strategy, "split": split, "threshold": o.threshold,
              "correct": bool(y), "cost": c, "cost_cached": cc, "flops": f, "llm_share": s,
-             "llm_only_cost": lc, "llm_only_flops": lf,
+             "llm_only_correct": bool(ly), "llm_only_cost": lc, "llm_only_flops": lf, "max_drop": max_drop,
              "calls": json.dumps([{k: d[k] for k in ("tier", "role", "tokens", "prompt_tokens", "confidence",
                                                      "accepted")} | {"step": call.step}
                                   for d, call in zip(t.steps(), t.calls)])}
-            for r, y, c, cc, f, s, lc, lf, t in zip(records, o.correct, o.cost, o.cost_cached, o.flops, o.llm_share,
-                                                    llm.cost, llm.flops, o.traces)]
+            for r, y, c, cc, f, s, ly, lc, lf, t in zip(records, o.correct, o.cost, o.cost_cached, o.flops,
+                                                        o.llm_share, llm.correct, llm.cost, llm.flops, o.traces)]
 
 
 def evaluate_strategies(cfg, paths: dict[str, str], questions: Sequence[Record]):
@@ -208,30 +210,60 @@ def evaluate_strategies(cfg, paths: dict[str, str], questions: Sequence[Record])
     if not split["cal"] or not split["eval"]:
         raise ValueError("strategies: the calibration or held-out split is empty (too few questions)")
     llm = {k: single_tier("llm", engines, split[k], params, model) for k in ("cal", "eval")}
-    rows = []
+    rows, chosen = [], {}
+    out = Path(cfg.out_dir) / STRATEGY_DIR
+    out.mkdir(parents=True, exist_ok=True)
     for name in sc.names:
         s = base
         if name == "steer":
             s = replace(base, mixture=fit_mixture(engines, split["cal"], params, base, seed=cfg.seed))
+            _write(out / "steer_mixture.json", s.mixture.to_json())
         if name == "stepwise_policy":
             train = split["train"] or split["cal"]
             policy, _ = train_policy(engines, train, params, base, model, lam=sc.policy_lambda,
                                      iterations=sc.policy_iterations, seed=cfg.seed)
             s = replace(base, policy=policy)
+            _write(out / "stepwise_policy.json", policy.to_json())
         points = sweep(name, engines, split["cal"], params, s, thresholds(sc.sweep_step), model)
         tau = choose(points, llm["cal"], max_drop=sc.max_drop)
         held = sweep(name, engines, split["eval"], params, s, [tau], model)[0]
         for p in points:
-            rows += _rows(p, split["cal"], llm["cal"], "cal")
-        rows += _rows(held, split["eval"], llm["eval"], "eval")
+            rows += _rows(p, split["cal"], llm["cal"], "cal", sc.max_drop)
+        rows += _rows(held, split["eval"], llm["eval"], "eval", sc.max_drop)
+        chosen[name] = float(tau)
         log.info("strategy %s: tau %.2f, held-out %s", name, tau, held.summary(llm["eval"]))
+    _write(out / "strategies.json", json.dumps(
+        {"thresholds": chosen, "max_steps": sc.max_steps, "max_step_tokens": sc.max_step_tokens,
+         "aggregate": sc.aggregate, "lookahead": sc.lookahead}, indent=1))
     return pd.DataFrame(rows)
+
+
+def _write(path: Path, text: str) -> None:
+    """Written whole or not at all (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def serve_settings(folder: str | Path) -> dict[str, Any]:
+    """A serve config's ``strategies`` section from what ``evaluate_strategies`` wrote to ``folder``
+    (``output_dir/strategies``): the calibrated thresholds, the step settings, and the STEER mixture and
+    stepwise policy files."""
+    folder = Path(folder)
+    out: dict[str, Any] = json.loads((folder / "strategies.json").read_text())
+    out["thresholds"] = {k: v for k, v in out["thresholds"].items() if k != "cascade"}
+    for key, name in (("mixture_path", "steer_mixture.json"), ("policy_path", "stepwise_policy.json")):
+        if (folder / name).exists():
+            out[key] = str(folder / name)
+    return out
 
 
 def strategy_summary(frame, n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Held-out rows per (strategy, dataset group 'all'): pass@1 with a bootstrap interval and the three costs
     relative to LLM-only on the same questions."""
-    out = []
+    from corea.evaluate.strategy_notes import notes
+
+    out, why = [], notes(frame)
     held = frame[frame["split"] == "eval"]
     for name, g in held.groupby("strategy", sort=False):
         ci = metrics.pass_at_1_ci(g["correct"].to_numpy(float), n_boot=n_boot, seed=seed)
@@ -239,5 +271,6 @@ def strategy_summary(frame, n_boot: int = 1000, seed: int = 0) -> list[dict[str,
                     "questions": len(g), "pass_at_1": ci.value, "pass_at_1_low": ci.low, "pass_at_1_high": ci.high,
                     "cost_rel": g["cost"].mean() / g["llm_only_cost"].mean(),
                     "cost_rel_cached": g["cost_cached"].mean() / g["llm_only_cost"].mean(),
-                    "flops_rel": g["flops"].mean() / g["llm_only_flops"].mean(), "llm_share": g["llm_share"].mean()})
+                    "flops_rel": g["flops"].mean() / g["llm_only_flops"].mean(), "llm_share": g["llm_share"].mean(),
+                    "note": why.get(name)})
     return out

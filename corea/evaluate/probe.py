@@ -173,8 +173,10 @@ def train_probe(features, cfg, out_path: str | Path, seed: int = 0) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     features = features.materialize()
     input_dim = int(np.asarray(features.take(1)[0]["features"]).shape[-1])
-    train_ds = features.filter(lambda r: not r["val"])
-    val_ds = features.filter(lambda r: bool(r["val"]))
+    from ray.data.expressions import col
+
+    train_ds = features.filter(expr=col("val") == False)  # noqa: E712 (an Arrow predicate, not a Python test)
+    val_ds = features.filter(expr=col("val") == True)  # noqa: E712
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"input_dim": input_dim, "hidden": list(cfg.hidden), "lr": cfg.lr,

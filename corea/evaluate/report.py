@@ -356,6 +356,11 @@ def strategy_table(rows: list[dict], llm_only: str = "LLM only") -> str:
     return _table(header, body)
 
 
+def strategy_notes_md(rows: list[dict]) -> str:
+    """The strategies' notes (why an operating point is an edge or costs more than LLM-only) as a list."""
+    return "\n".join(f"- {r['system']}, {r['note']}" for r in rows if r.get("note"))
+
+
 def strategy_section(data: ReportData, frame: pd.DataFrame, out: Path, plots: bool, seed: int, n_boot: int
                      ) -> tuple[str, list[dict], list[str]]:
     """(markdown, summary rows, plot paths) of the online strategies (``corea.evaluate.online``)."""
@@ -375,6 +380,8 @@ def strategy_section(data: ReportData, frame: pd.DataFrame, out: Path, plots: bo
           "relative to LLM-only on the same questions: the paper's token cost per call (a handoff pays its prefix "
           "again), the prefix-cached variant (cached input at 0.1x) and FLOPs (2 x params x uncached tokens).", "",
           strategy_table(rows), ""]
+    if strategy_notes_md(rows):
+        md += [strategy_notes_md(rows), ""]
     if written:
         md += [f"![{Path(p).stem}]({Path(p).name})" for p in written] + [""]
     return "\n".join(md), rows, written

@@ -84,7 +84,10 @@ class StrategyServer:
 
     def settings(self, strategy: str, threshold: float | None) -> Settings:
         if strategy == "stepwise_policy" and self.policy is None:
-            raise ApiError(400, "stepwise_policy is not configured here (strategies.policy_path)", param="corea.strategy")
+            raise ApiError(400, "stepwise_policy is not configured here: set strategies.policy_path to a StepPolicy "
+                           "JSON. `corea eval --config <eval.yaml>` with a `strategies` section naming "
+                           "stepwise_policy trains one and writes it to <output_dir>/strategies/stepwise_policy.json "
+                           "(with steer_mixture.json and strategies.json, the calibrated thresholds, beside it)", param="corea.strategy")
         tau = self.cfg.thresholds.get(strategy, 0.5) if threshold is None else threshold
         from dataclasses import replace
 

@@ -1,0 +1,64 @@
+"""What the terminal shows during a long run, and where everything else goes.
+
+``quiet(log_path)`` sends the process's standard error (file descriptor 2: Python warnings and logging, Ray's
+and its C++ core's lines, the progress bars of libraries, and what child processes such as Ray's own write
+there) to ``log_path``, while ``terminal()`` stays the real terminal for the run's own progress bars. A run
+that fails prints the log's tail to the terminal, so nothing a user can act on is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterator
+
+_terminal: IO[str] | None = None
+
+
+def terminal() -> IO[str]:
+    """The stream for progress bars: the real terminal under ``quiet``, else standard error."""
+    return _terminal or sys.stderr
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def quiet(log_path: str | Path) -> Iterator[Path]:
+    """Standard error (descriptor 2 and ``sys.stderr``) to ``log_path`` (appended) while open; libraries'
+    progress bars off. On an exception the log's last lines are printed to the terminal before it propagates."""
+    global _terminal
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 2)
+    _terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        hf_logging = None
+    try:
+        yield log_path
+    except BaseException:
+        sys.stderr.flush()
+        print(f"\n--- the last lines of {log_path} ---\n{tail(log_path)}", file=_terminal, flush=True)
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        _terminal.close()
+        _terminal = None
+        log.close()
+        if hf_logging is not None:
+            hf_logging.enable_progress_bar()
