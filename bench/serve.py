@@ -1,4 +1,4 @@
-"""Serving benchmark: the cascade's own overhead on requests the SLM answers.
+"""Serving benchmarks: the cascade's own overhead on requests the SLM answers; our LLM tier against `vllm serve`.
 
 Method
     A local Ray cluster runs configs/serve-tiny-cpu.yaml with one replica per deployment, plus the standalone
@@ -16,6 +16,10 @@ Method
     machine's cores with Ray, so absolute figures are machine-bound; the load average is recorded.
 
     python bench/serve.py [--requests 200] [--rounds 2] [--json PATH]
+
+Method of --against vllm: see bench/serve_vs_vllm.py (our endpoint's LLM tier against vLLM's own OpenAI server).
+
+    python bench/serve.py --against vllm [...]  (the same as python bench/serve_vs_vllm.py [...])
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,19 +53,42 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def timed(http, path: tuple[str, str, bool]) -> float:
-    """Seconds for one request on ``path`` = (url, model, must stay on the SLM)."""
-    url, model, check_tier = path
+class Target(NamedTuple):
+    """Where requests go: the URL, the JSON body of request ``i`` and a check of each answer (raises if wrong)."""
+
+    url: str
+    body: Callable[[int], dict]
+    check: Callable[[dict], None] | None = None
+
+
+def cascade_target(url: str, model: str, stays_on_slm: bool) -> Target:
     body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
             "max_tokens": 16, "corea": {"threshold": 0.5}}
+    return Target(url, lambda i: body, _check_slm if stays_on_slm else None)
+
+
+def _check_slm(answer: dict) -> None:
+    if answer["corea"]["tier"] != "slm":
+        raise RuntimeError("a cascade request left the SLM; the benchmark would not measure overhead")
+
+
+class HTTPFailure(RuntimeError):
+    def __init__(self, url: str, status: int, text: str) -> None:
+        super().__init__(f"{url}: HTTP {status}: {text[:300]}")
+        self.status, self.text = status, text[:300]
+
+
+async def timed(http, target: Target, i: int = 0) -> tuple[float, dict]:
+    """Seconds for request ``i`` on ``target``, and its ``usage``."""
     start = time.perf_counter()
-    resp = await http.post(url, json=body)
+    resp = await http.post(target.url, json=target.body(i))
     elapsed = time.perf_counter() - start
     if resp.status_code != 200:
-        raise RuntimeError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
-    if check_tier and resp.json()["corea"]["tier"] != "slm":
-        raise RuntimeError("a cascade request left the SLM; the benchmark would not measure overhead")
-    return elapsed
+        raise HTTPFailure(target.url, resp.status_code, resp.text)
+    answer = resp.json()
+    if target.check is not None:
+        target.check(answer)
+    return elapsed, answer.get("usage") or {}
 
 
 def _client(concurrency: int):
@@ -70,18 +98,32 @@ def _client(concurrency: int):
     return httpx.AsyncClient(timeout=120, limits=limits)
 
 
-async def load(path, concurrency: int, total: int) -> tuple[list[float], float]:
-    """Latencies (s) of ``total`` requests at ``concurrency`` in flight on one path, and the wall time."""
+async def load(target: Target, concurrency: int, total: int,
+               failures: list | None = None) -> tuple[list[float], float, list[dict]]:
+    """Latencies (s) and usages of ``total`` requests at ``concurrency`` in flight on one target, and the wall
+    time. A non-200 answer (or a broken connection) raises, or with ``failures`` is appended there as ``(status,
+    body)`` (status 0 for a connection error) and left out of the latencies."""
+    import httpx
+
     latencies: list[float] = []
+    usages: list[dict] = []
     remaining = iter(range(total))
     async with _client(concurrency) as http:
         async def worker():
-            for _ in remaining:
-                latencies.append(await timed(http, path))
+            for i in remaining:
+                try:
+                    elapsed, usage = await timed(http, target, i)
+                except (HTTPFailure, httpx.TransportError) as exc:
+                    if failures is None:
+                        raise
+                    failures.append((getattr(exc, "status", 0), getattr(exc, "text", repr(exc))))
+                    continue
+                latencies.append(elapsed)
+                usages.append(usage)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - start
+        return latencies, time.perf_counter() - start, usages
 
 
 async def paired(paths: dict, pairs: int) -> dict[str, list[float]]:
@@ -91,7 +133,7 @@ async def paired(paths: dict, pairs: int) -> dict[str, list[float]]:
     async with _client(1) as http:
         for i in range(pairs):
             for name in names if i % 2 == 0 else names[::-1]:
-                out[name].append(await timed(http, paths[name]))
+                out[name].append((await timed(http, paths[name], i))[0])
     return out
 
 
@@ -123,12 +165,32 @@ def deploy(work_dir: Path, port: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200,
-                        help="requests per path, level and round (c = 1: pairs per round)")
+    parser.add_argument("--against", choices=["direct", "vllm"], default="direct",
+                        help="direct: the cascade against the SLM served alone; vllm: our LLM tier against vllm serve")
+    parser.add_argument("--requests", type=int, help="requests per path, level and round (c = 1: pairs per "
+                        "round; default 200); with --against vllm: per level and session (default 32 at c = 1, "
+                        "8 x c above)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", help="default 1 8 32; with --against vllm 1 32")
+    parser.add_argument("--sessions", type=int, default=2, help="--against vllm: server sessions, alternating")
+    parser.add_argument("--first", choices=["corea", "vllm"], default="corea", help="--against vllm: first server")
+    parser.add_argument("--max-tokens", type=int, default=64, help="--against vllm: tokens per answer")
+    parser.add_argument("--startup-timeout", type=float, default=900, help="--against vllm: seconds per start")
+    parser.add_argument("--profile", type=Path, help="--against vllm: py-spy one extra load, stacks into this folder")
+    parser.add_argument("--vllm-logprobs", action="store_true",
+                        help="--against vllm: also load vllm serve with log-probabilities asked for, as our tier asks")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    if args.against == "vllm":
+        from serve_vs_vllm import compare_vllm
+
+        results = compare_vllm(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
+    args.requests = args.requests or 200
+    args.concurrency = args.concurrency or [1, 8, 32]
 
     import ray
     from ray import serve
@@ -136,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__.split("Method", 1)[1].split("python bench", 1)[0].rstrip())
     with tempfile.TemporaryDirectory(prefix="corea-bench-serve-") as tmp:
         urls = deploy(Path(tmp), _free_port())
-        paths = {"cascade": (f"{urls['corea']}/v1/chat/completions", "corea-cascade", True),
-                 "direct": (f"{urls['corea-slm-direct']}/v1/chat/completions", "corea-slm", False)}
+        paths = {"cascade": cascade_target(f"{urls['corea']}/v1/chat/completions", "corea-cascade", True),
+                 "direct": cascade_target(f"{urls['corea-slm-direct']}/v1/chat/completions", "corea-slm", False)}
         try:
             for path in paths.values():  # warm-up: caches, connections, batcher
                 asyncio.run(load(path, 8, 64))
@@ -152,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     lat, wall = {n: [] for n in paths}, {n: 0.0 for n in paths}
                     for _ in range(args.rounds):
                         for name, path in paths.items():
-                            values, seconds = asyncio.run(load(path, c, args.requests))
+                            values, seconds, _ = asyncio.run(load(path, c, args.requests))
                             lat[name] += values
                             wall[name] += seconds
                     row = summarize(lat, wall)
