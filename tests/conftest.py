@@ -27,6 +27,20 @@ def pytest_terminal_summary(terminalreporter, config):
                                     "environment (.ci/vllm-live)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_environment():
+    """Each test module starts from the process environment as it was: building a vLLM engine in this process
+    sets variables (LD_PRELOAD of torch's libgomp, VLLM_WORKER_MULTIPROC_METHOD, LOCAL_WORLD_SIZE, ...) that a
+    Ray cluster started later would hand to every worker it spawns."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Tiny Qwen2 checkpoint folders made once per session: "slm" and "llm" (seed 0), "slm_b" (seed 1)."""

@@ -142,9 +142,10 @@ def test_engine_process_killed_under_the_slm_replica(app):
         return names[0], ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
     before, pid = replica()
-    engines = [p for p in psutil.Process(pid).children(recursive=True)
-               if "EngineCore" in " ".join(p.cmdline()) + p.name()]
-    assert engines, "no vLLM engine process under the SLM replica"
+    children = psutil.Process(pid).children(recursive=True)
+    engines = [p for p in children if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+    assert engines, ("no vLLM engine process under the SLM replica", before, pid,
+                     [(p.pid, p.name(), p.cmdline()[:3]) for p in children])
     for proc in engines:
         os.kill(proc.pid, signal.SIGKILL)
 
