@@ -29,7 +29,7 @@ Method
     used CPU, 50 Hz, idle threads left out), after the measured ones so that sampling does not touch the figures;
     each process's most frequent functions and packages are printed and its collapsed stacks kept in DIR.
 
-    python bench/serve.py --against vllm [--concurrency 1 32] [--requests N] [--sessions 2] [--first vllm]
+    python bench/serve_vs_vllm.py [--concurrency 1 32] [--requests N] [--sessions 2] [--first vllm]
         [--vllm-logprobs] [--profile DIR] [--json PATH]
 """
 
@@ -168,7 +168,7 @@ def compare_vllm(args) -> dict:
     from corea.serve.tiny import confident_slm_path, make_confident_slm
 
     levels = {c: args.requests or (32 if c == 1 else 8 * c) for c in (args.concurrency or [1, 32])}
-    print(__doc__.split("Method of --against vllm", 1)[1].split("python bench", 1)[0].rstrip())
+    print(__doc__.split("Method", 1)[1].split("python bench", 1)[0].rstrip())
     results: dict = {"load_average_start": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
                      "max_tokens": args.max_tokens, "levels": levels}
     sessions: dict[str, list[dict]] = {}
