@@ -18,16 +18,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import os
     import time
-
     from pathlib import Path
+
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed would detect, said before it is imported (no warning)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from corea.console import quiet
     from corea.demo.pipeline import FULL, QUICK, run_demo
 
     log_path = Path(args.out) / "logs" / "demo.log"
-    print(f"corea demo: the demo's own lines here; Ray's, the libraries' and every warning in {log_path}"
-          + ("" if args.verbose else " (-v: everything here)"), flush=True)
+    if not args.verbose:
+        print(f"corea demo: the demo's own lines here; Ray's, the libraries' and every warning in {log_path} "
+              "(`corea -v demo`: everything here)", flush=True)
     with quiet(log_path) if not args.verbose else _nothing():
         run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port,
                  size=QUICK if args.quick else FULL)
