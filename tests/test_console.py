@@ -23,6 +23,7 @@ def test_quiet_sends_stderr_of_process_and_children_to_the_log(tmp_path):
             os.write(2, b"a C-level line\\n")
             subprocess.run([sys.executable, "-c", "import sys; print('child stderr', file=sys.stderr)"])
             print("bar 50%", file=terminal())
+            print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started")
         print("after", file=sys.stderr)
     """, tmp_path)
     assert run.returncode == 0, run.stderr
@@ -31,6 +32,7 @@ def test_quiet_sends_stderr_of_process_and_children_to_the_log(tmp_path):
     assert "warning" not in run.stderr and "C-level" not in run.stderr and "child" not in run.stderr
     log = (tmp_path / "logs" / "run.log").read_text()
     assert "a library's warning" in log and "a C-level line" in log and "child stderr" in log
+    assert "8 PYTHON worker processes" in log  # Ray's forwarded raylet lines, printed to stdout by Ray's driver
 
 
 def test_a_failure_prints_the_logs_tail(tmp_path):
