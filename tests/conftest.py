@@ -29,11 +29,14 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture(scope="module", autouse=True)
 def _module_environment():
-    """Each test module starts from the process environment as it was: building a vLLM engine in this process
-    sets variables (LD_PRELOAD of torch's libgomp, VLLM_WORKER_MULTIPROC_METHOD, LOCAL_WORLD_SIZE, ...) that a
-    Ray cluster started later would hand to every worker it spawns."""
+    """In the vLLM environment each test module starts from the process environment as it was: building a vLLM
+    engine in this process sets variables (LD_PRELOAD of torch's libgomp, VLLM_WORKER_MULTIPROC_METHOD,
+    LOCAL_WORLD_SIZE, ...) that a Ray cluster started later would hand to every worker it spawns."""
     import os
 
+    if not HAS_VLLM:
+        yield
+        return
     saved = dict(os.environ)
     yield
     for key in set(os.environ) - set(saved):
