@@ -18,6 +18,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import contextlib
     import os
     import time
     from pathlib import Path
@@ -34,7 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not args.verbose:
         print(f"corea demo: the demo's own lines here; Ray's, the libraries' and every warning in {log_path} "
               "(`corea -v demo`: everything here)", flush=True)
-    with quiet(log_path) if not args.verbose else _nothing():
+    with quiet(log_path) if not args.verbose else contextlib.nullcontext():
         run_demo(args.out, serve=not args.no_serve, steps=args.steps, port=args.port,
                  size=QUICK if args.quick else FULL)
         if not args.no_serve:
@@ -44,12 +45,6 @@ def _demo(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("stopped")
     return 0
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def build_parser() -> argparse.ArgumentParser:

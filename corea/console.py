@@ -36,7 +36,7 @@ class _StdoutFilter:
         if text.startswith(self.PREFIXES):
             self._to_log = True
         sink = self._log if self._to_log else self._out
-        if text.endswith("\n") or text == "\n":
+        if text.endswith("\n"):
             self._to_log = False
         return sink.write(text)
 
