@@ -80,6 +80,29 @@ def test_existing_folder_rules(tmp_path):
         make_tiny_checkpoint(tmp_path / "x", "huge")
 
 
+def test_a_folder_from_an_earlier_recipe_is_rebuilt(tmp_path):
+    path = make_tiny_checkpoint(tmp_path / "m", "slm", seed=3)
+    fresh = (path / "model.safetensors").read_bytes()
+    (path / "corea_tiny.json").write_text(json.dumps({"size": "slm", "seed": 3}))  # as written before recipes
+    (path / "model.safetensors").write_bytes(b"old weights")
+    assert make_tiny_checkpoint(path, "slm", seed=3) == path
+    assert (path / "model.safetensors").read_bytes() == fresh
+    (path / "corea_tiny.json").write_text(json.dumps({"size": "llm", "seed": 3}))  # another checkpoint: kept
+    with pytest.raises(FileExistsError):
+        make_tiny_checkpoint(path, "slm", seed=3)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_attention_starts_unsaturated(tiny_checkpoints, size):
+    """At initialization the attention rows are far from one-hot (a saturated softmax passes almost no gradient)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[size], attn_implementation="eager")
+    ids = torch.randint(0, model.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attentions = model(input_ids=ids, output_attentions=True).attentions
+    top = torch.stack([a[..., 16:, :].max(dim=-1).values.mean() for a in attentions])  # rows with >= 17 keys
+    assert float(top.max()) < 0.25, top  # uniform rows: ~0.03; at the untempered init: 0.43-0.71
+
+
 def test_chat_template_renders_the_corea_prompt(tiny_checkpoints):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["slm"])
     messages = chat_messages("What is 2 + 3?", ["4", "5"])

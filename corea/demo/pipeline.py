@@ -55,7 +55,7 @@ class DemoSize:
 
     sft_repeats: int = 120  # passes over the warm-start sums
     ood_repeats: int = 40  # passes over the warm-start differences and choices
-    llm_repeats: int = 120  # passes of the LLM stand-in over the evaluation questions (at 60 it stays at ~11%)
+    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions (its loss is flat from ~50)
     rl_steps: int = 80  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
