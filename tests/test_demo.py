@@ -76,6 +76,15 @@ def test_paper_tables_and_findings_follow_the_figures():
     assert "matches or beats SLM-Verb" in text and "lower ECE than the best other system (SLM-Verb" in text
     worse = findings(_summary(pass_corea=0.6, cost_corea=1.2))
     assert "22.0 points below" in worse and "dearer by 20%" in worse and "matches or beats" not in worse
+    assert "Against RLVR-SLM-Verb" not in text and "barely separates" not in text
+    ood = _summary()
+    ood["systems"]["COREA"]["in_domain"]["auroc"] = 0.55
+    ood["systems"]["RLVR-SLM-Verb"] = {"in_domain": {"pass_at_1": 0.7, "relative_cost": 0.3, "llm_pct": 5.0,
+                                                     "ece": 0.45, "auroc": 0.5}}
+    text = findings(ood)
+    assert ("Against RLVR-SLM-Verb (the same RL without the confidence term): the LLM answers 40% vs 5% of the "
+            "questions, ECE 0.100 vs 0.450, AUROC 0.550 vs 0.500.") in text
+    assert "barely separates right from wrong answers (AUROC below 0.6)" in text
 
 
 @pytest.mark.slow

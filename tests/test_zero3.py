@@ -185,7 +185,8 @@ def test_sft_under_zero3_writes_real_weights(tiny_checkpoints, tmp_path):
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         out = sft(str(model_path), examples, tmp_path / "sft-zero3",
-                  SFTConfig(epochs=1, batch_size=2, lr=1e-2, zero_stage=3, workers=2, cpus_per_worker=1))
+                  SFTConfig(epochs=2, batch_size=2, lr=1e-2, lr_schedule="linear", zero_stage=3, workers=2,
+                            cpus_per_worker=1))
     finally:
         ray.shutdown()
     saved = _weights(out)
@@ -199,4 +200,13 @@ def test_sft_under_zero3_writes_real_weights(tiny_checkpoints, tmp_path):
         assert torch.equal(tensor, saved[name]), name
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".*.tmp"))
     history = json.loads((out / METRICS_FILE).read_text())["history"]  # rank 0's per-epoch losses
-    assert [h["epoch"] for h in history] == [1] and history[0]["steps"] == 2 and history[0]["loss"] > 0
+    assert [h["epoch"] for h in history] == [1, 2] and [h["steps"] for h in history] == [2, 2]
+    assert all(h["loss"] > 0 for h in history)
+    assert [h["lr"] for h in history] == pytest.approx([5e-3, 0.0])  # linear decay over 2 x 2 steps, stepped by DeepSpeed
+
+
+def test_lr_factor():
+    from corea.train.sft import lr_factor
+
+    assert [lr_factor("constant", 4)(s) for s in range(5)] == [1.0] * 5
+    assert [lr_factor("linear", 4)(s) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]

@@ -55,7 +55,7 @@ class DemoSize:
 
     sft_repeats: int = 120  # passes over the warm-start sums
     ood_repeats: int = 40  # passes over the warm-start differences and choices
-    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions (its loss is flat from ~50)
+    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions, lr decaying linearly to 0
     rl_steps: int = 80  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
@@ -77,6 +77,8 @@ def _step(n: int, text: str, start: float) -> None:
 
 
 def train_config(policy: str, out: Path, steps: int, seed: int, role: str = "corea"):
+    """One RL run. lr 6e-4: COREA's AUROC on its rollouts passes 0.8 by step 50 and keeps taught sums at 97%
+    (at 3e-4 the AUROC stays ~0.5 for 80 steps; at 1e-3 taught sums fall to 80%; at 3e-3 every answer collapses)."""
     from corea.train.config import TrainConfig
 
     return TrainConfig.model_validate({
@@ -85,7 +87,7 @@ def train_config(policy: str, out: Path, steps: int, seed: int, role: str = "cor
         "data": {"dataset": f"{DATASET}-rl", "split": None},
         "reward": {"confidence_reward": RL_RUNS[role][0]},
         "rollout": {"n": 8, "prompts_per_step": 16, "temperature": 1.0, "max_tokens": 16},
-        "optim": {"steps": steps, "train_batch_prompts": 16, "micro_batch_size": 32, "lr": 3e-4,
+        "optim": {"steps": steps, "train_batch_prompts": 16, "micro_batch_size": 32, "lr": 6e-4,
                   "kl_coef": 0.001, "zero_stage": 1},
         "resources": {"rollout_cpus": 0.5, "reward_cpus": 0.25, "trainer_cpus": 0.5, "reference_cpus": 0.25},
         "output": {"dir": str(out / role), "checkpoint_every": steps, "keep_checkpoints": 1},
@@ -231,7 +233,7 @@ def run_demo(out: str | Path = "runs/demo", serve: bool = True, steps: int | Non
         # The LLM stand-in is needed only for evaluation, and its SFT is the longest: it runs beside the
         # warm start and then beside the three RL runs, keeping both cores busy.
         llm_run = pool.submit(sft, str(base_llm), sft_examples(eval_records, seed + 1, size.llm_repeats),
-                              out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))
+                              out / "models" / "llm", SFTConfig(batch_size=32, lr=3e-3, lr_schedule="linear", seed=seed))
         examples = sft_examples(warm_sums, seed, size.sft_repeats) + sft_examples(warm_ood, seed + 2, size.ood_repeats)
         random.Random(seed).shuffle(examples)
         warm = sft(str(base_slm), examples, out / "models" / "slm-warm", SFTConfig(batch_size=32, lr=3e-3, seed=seed))

@@ -94,6 +94,28 @@ def _join(names: Iterable[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+#: The same RL without the confidence term: what the confidence reward adds is read against it.
+RLVR_VERB = "RLVR-SLM-Verb"
+#: Below this AUROC a confidence barely separates right from wrong answers.
+WEAK_AUROC = 0.6
+
+
+def _against_rlvr(systems: dict, scope: str, system: str, e: dict) -> str:
+    """A sentence setting ``system``'s deferral, ECE and AUROC beside RLVR-SLM-Verb's, and saying so when the
+    confidence does not separate right from wrong (AUROC < ``WEAK_AUROC``)."""
+    text = ""
+    r = systems.get(RLVR_VERB, {}).get(scope) if system != RLVR_VERB else None
+    if r and _ok(r.get("ece")) and _ok(e.get("ece")):
+        text += (f" Against {RLVR_VERB} (the same RL without the confidence term): the LLM answers "
+                 f"{_fmt(e.get('llm_pct'), '.0f')}% vs {_fmt(r.get('llm_pct'), '.0f')}% of the questions, "
+                 f"ECE {e['ece']:.3f} vs {r['ece']:.3f}, AUROC {_fmt(e.get('auroc'), '.3f')} vs "
+                 f"{_fmt(r.get('auroc'), '.3f')}.")
+    if _ok(e.get("auroc")) and e["auroc"] < WEAK_AUROC:
+        text += (f" Here its confidence barely separates right from wrong answers (AUROC below {WEAK_AUROC}): the "
+                 "calibration it learned does not carry over to this group.")
+    return text
+
+
 def findings(summary: dict, system: str = "COREA") -> str:
     """A few sentences per dataset group comparing ``system`` with LLM-only and the other systems, from the
     figures of the summary (pass@1 and cost at the default threshold, ECE and AUROC of the confidence)."""
@@ -125,5 +147,6 @@ def findings(summary: dict, system: str = "COREA") -> str:
             word = "lower" if e["ece"] < best[1] else "higher"
             text += (f" Its confidence has ECE {e['ece']:.3f} and AUROC {_fmt(e.get('auroc'), '.3f')}, "
                      f"{word} ECE than the best other system ({best[0]}, {best[1]:.3f}).")
+        text += _against_rlvr(systems, scope, system, e)
         sentences.append(text)
     return "\n\n".join(sentences) if sentences else f"No group has figures for {system} and LLM-only."

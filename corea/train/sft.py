@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "sft_metrics.json"  #: in the output checkpoint: {"history": [{"epoch", "loss", "steps"}, ...]}
+METRICS_FILE = "sft_metrics.json"  #: in the output checkpoint: {"history": [{"epoch", "loss", "steps", "lr"}, ...]}
 
 
 class SFTConfig(BaseModel):
@@ -26,6 +27,8 @@ class SFTConfig(BaseModel):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per worker per step")
     lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear: lr x (1 - step / total steps), decaying to 0 at the last step")
     weight_decay: float = Field(0.0, ge=0)
     zero_stage: int = Field(1, ge=0, le=3)
     workers: int = Field(1, ge=1)
@@ -58,6 +61,13 @@ def _tokenize(tokenizer, prompt_text: str, response: str) -> tuple[list[int], in
     return prompt_ids + response_ids, len(prompt_ids)
 
 
+def lr_factor(schedule: str, total_steps: int):
+    """The learning-rate multiplier at optimizer step s (0-based): 1 (constant) or max(0, 1 - s / total_steps)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: max(0.0, 1.0 - step / max(total_steps, 1))
+
+
 def _train_loop(config: dict) -> None:
     """Ray Train worker. Per-epoch losses go to ``METRICS_FILE`` in the checkpoint, not to ``train.report``:
     Ray Train 2.60 keeps only checkpoint reports in its ``Result``, and each report waits for the controller's
@@ -77,7 +87,8 @@ def _train_loop(config: dict) -> None:
     dtype = "bfloat16" if cfg.precision == "bf16" else "float32"
     model, tokenizer = load_model_and_tokenizer(config["model_path"], dtype, "cpu", deepspeed_config=ds)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.lr_schedule, config["total_steps"]))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine.train()  # the loader returns the model in eval mode
     shard = train.get_dataset_shard("train")
@@ -98,7 +109,8 @@ def _train_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(float(loss))
-        history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses)})
+        history.append({"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "steps": len(losses),
+                        "lr": scheduler.get_last_lr()[0]})
     export_hf(engine, config["out_dir"], train.get_context().get_world_rank(), tokenizer=tokenizer,  # all ranks
               extra_json={METRICS_FILE: {"history": history}})
 
@@ -119,7 +131,8 @@ def sft(model_path: str, examples: Sequence[dict], out_dir: str | Path, cfg: SFT
     rows = [{"prompt": _render(tokenizer, e["prompt"]), "response": e["response"]} for e in examples]
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"sft": cfg.model_dump(), "model_path": str(model_path), "out_dir": str(out_dir)},
+        train_loop_config={"sft": cfg.model_dump(), "model_path": str(model_path), "out_dir": str(out_dir),
+                           "total_steps": cfg.epochs * math.ceil(len(rows) / (cfg.batch_size * cfg.workers))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=f"sft-{out_dir.name}", storage_path=str(out_dir.parent / "ray_train")),
