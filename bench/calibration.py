@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(__doc__.split("Targets:")[0])
     splits = build_splits(args.seed, args.rl_hard)
-    sft_set, rl_set, eval_set = splits.sft, splits.rl, splits.eval
+    sft_set, rl_set, eval_set = splits.sft, splits.rl_prompts(), splits.eval
     register_dataset("calibration-sums-rl", loader=lambda _path: rl_set, path=out, overwrite=True)
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     if args.warm:

@@ -34,6 +34,24 @@ def test_verdict_is_the_papers_claim_per_group():
     assert not ok and "LLM-only is not the most accurate row (RLVR-SLM-Probe 0.510)" in lines[0]
 
 
+def test_rl_prompts_balance_taught_and_untaught_draws():
+    from collections import Counter
+
+    from corea.demo.task import RL_TAUGHT, build_splits
+
+    sums = build_splits(0)
+    assert build_splits(0) == sums  # fixed by the seed
+    prompts = sums.rl_prompts()
+    taught = [r for r in prompts if r.meta["taught"]]
+    untaught = [r for r in prompts if not r.meta["taught"]]
+    assert len({r.id for r in taught}) == RL_TAUGHT and len(untaught) == len({r.id for r in untaught}) == 180
+    assert set(Counter(r.id for r in taught).values()) == {3}  # 60 taught x 3 against 180 untaught x 1
+    assert {r.id for r in prompts} == {r.id for r in sums.rl} and len(sums.rl) == RL_TAUGHT + 180
+    assert not {r.question for r in sums.rl} & {r.question for r in sums.eval + sums.sft if not r.meta["taught"]}
+    assert not {r.question for r in sums.rl} & {r.question for r in sums.eval}
+    assert len(build_splits(0, rl_hard=60).rl_prompts()) == 120  # balanced already: each once
+
+
 def test_ood_splits_are_disjoint_and_graded_by_their_kind():
     from corea.demo.task import build_ood_splits, build_splits
 

@@ -55,7 +55,7 @@ class DemoSize:
 
     sft_repeats: int = 120  # passes over the warm-start sums
     ood_repeats: int = 40  # passes over the warm-start differences and choices
-    llm_repeats: int = 60  # passes of the LLM stand-in over the evaluation questions, lr decaying linearly to 0
+    llm_repeats: int = 70  # passes of the LLM stand-in over the evaluation questions, lr decaying linearly to 0
     rl_steps: int = 80  # GRPO steps of each RL run
     runs: int = 2  # evaluation samples per question
     eval_limit: int | None = None  # questions per evaluation dataset (None: all)
@@ -101,7 +101,7 @@ def eval_config(paths: dict[str, str], out: Path, seed: int, size: DemoSize = FU
     baselines = {}
     if "rlvr" in paths:
         baselines = {
-            "train_questions": {"dataset": f"{DATASET}-rl", "split": None, "limit": size.train_questions,
+            "train_questions": {"dataset": f"{DATASET}-rl-questions", "split": None, "limit": size.train_questions,
                                 "samples": 8, "temperature": 0.6},
             "probe": {"epochs": 10, "batch_size": 64, "feature_batch_size": 32, "max_length": 128},
             "router": {"sft": {"epochs": size.router_epochs, "batch_size": 32, "lr": 3e-3, "seed": seed},
@@ -126,11 +126,12 @@ def eval_config(paths: dict[str, str], out: Path, seed: int, size: DemoSize = FU
 
 
 def register_demo_datasets(seed: int) -> tuple[list[Record], list[Record], list[Record]]:
-    """Register the RL set and the three evaluation sets (each shuffled with ``seed``, so that a ``limit``
-    keeps both sides of the skill boundary); returns the warm-start sums, the warm-start OOD records and the
-    evaluation records."""
+    """Register the RL prompts, the RL questions (each once, for the probe and the router) and the three
+    evaluation sets (each shuffled with ``seed``, so that a ``limit`` keeps both sides of the skill boundary);
+    returns the warm-start sums, the warm-start OOD records and the evaluation records."""
     sums, ood = build_splits(seed), build_ood_splits(seed)
-    register_dataset(f"{DATASET}-rl", loader=lambda _p: sums.rl, path=".", overwrite=True)
+    register_dataset(f"{DATASET}-rl", loader=lambda _p: sums.rl_prompts(), path=".", overwrite=True)
+    register_dataset(f"{DATASET}-rl-questions", loader=lambda _p: sums.rl, path=".", overwrite=True)
     evaluation = []
     for name, records in zip(EVAL_SETS, (sums.eval, ood.math, ood.choice)):
         records = list(records)

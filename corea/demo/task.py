@@ -44,23 +44,39 @@ def choice_record(a: int, b: int, tag: str) -> Record:
                   choices=tuple(str(o) for o in options), dataset="sum-choice", meta={"taught": a < 10 and b < 10})
 
 
+#: Taught sums among the RL questions; the other 40 are held out for evaluation.
+RL_TAUGHT = 60
+
+
 @dataclass
 class SumsSplits:
     sft: list[Record]  # warm start: every taught sum + some untaught ones
-    rl: list[Record]  # RL prompts: taught sums + unseen untaught sums
+    rl: list[Record]  # RL questions: RL_TAUGHT taught sums + unseen untaught sums, each once
     eval: list[Record]  # held out from RL: other taught sums + other unseen untaught sums
 
+    def rl_prompts(self) -> list[Record]:
+        """The RL prompt list: every untaught question once, each taught one round(untaught / taught) times, so
+        that an RL step draws taught and untaught prompts about equally often (with many more untaught draws,
+        their "lower your confidence" signal outweighs the taught prompts' "raise it" and the model lowers its
+        confidence everywhere instead of learning where its skill ends)."""
+        taught = sum(r.meta["taught"] for r in self.rl)
+        repeats = max(1, round((len(self.rl) - taught) / max(taught, 1)))
+        return [r for r in self.rl for _ in range(repeats if r.meta["taught"] else 1)]
 
-def build_splits(seed: int = 0, rl_hard: int = 60) -> SumsSplits:
-    """Disjoint splits; the RL set is balanced (60 taught, ``rl_hard`` unseen untaught sums): with many more
-    hard prompts, their "lower your confidence" signal outweighs the easy prompts' "raise it" and the model
-    lowers its confidence everywhere instead of learning where its skill ends."""
+
+def build_splits(seed: int = 0, rl_hard: int = 180) -> SumsSplits:
+    """Disjoint splits; the RL questions are ``RL_TAUGHT`` taught sums and ``rl_hard`` unseen untaught ones.
+
+    Many distinct untaught questions, each drawn a few times in RL: with 60 drawn 11 times each, the correctness
+    reward taught the SLM the answers of the two whose sum is 95, and it then answered "95" at confidence 1.0 on
+    unseen untaught sums (12 of 160 in-domain answers kept wrong by the cascade); with 180 it states one low
+    confidence on every untaught sum."""
     rng = random.Random(seed)
     taught = [(a, b) for a in range(10) for b in range(10)]
     untaught = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     rng.shuffle(untaught)
     sft_hard, eval_hard, hard_rl = untaught[:100], untaught[100:180], untaught[180 : 180 + rl_hard]
-    easy_rl = rng.sample(taught, 60)
+    easy_rl = rng.sample(taught, RL_TAUGHT)
     easy_eval = [p for p in taught if p not in easy_rl]
     sft = [sum_record(a, b, "sft") for a, b in taught + sft_hard]
     rl = [sum_record(a, b, "rl") for a, b in easy_rl + hard_rl]
