@@ -94,6 +94,8 @@ def test_paper_tables_and_findings_follow_the_figures():
     assert "matches or beats SLM-Verb" in text and "lower ECE than the best other system (SLM-Verb" in text
     worse = findings(_summary(pass_corea=0.6, cost_corea=1.2))
     assert "22.0 points below" in worse and "dearer by 20%" in worse and "matches or beats" not in worse
+    assert "82.0% pass@1, the same as LLM-only (82.0%)" in findings(_summary(pass_corea=0.82))
+    assert "1.0 points above LLM-only" in findings(_summary(pass_corea=0.83))
     assert "Against RLVR-SLM-Verb" not in text and "barely separates" not in text
     ood = _summary()
     ood["systems"]["COREA"]["in_domain"]["auroc"] = 0.55

@@ -129,8 +129,10 @@ def findings(summary: dict, system: str = "COREA") -> str:
             continue
         gap = 100 * (e["pass_at_1"] - ref["pass_at_1"])
         saving = 100 * (1 - e["relative_cost"]) if _ok(e.get("relative_cost")) else float("nan")
+        versus = ("the same as" if round(abs(gap), 1) == 0 else
+                  f"{abs(gap):.1f} points {'above' if gap > 0 else 'below'}")
         text = (f"{labels.get(scope, scope)}: {system} reaches {100 * e['pass_at_1']:.1f}% pass@1, "
-                f"{abs(gap):.1f} points {'above' if gap >= 0 else 'below'} LLM-only ({100 * ref['pass_at_1']:.1f}%), "
+                f"{versus} LLM-only ({100 * ref['pass_at_1']:.1f}%), "
                 f"at {_fmt(100 * e['relative_cost'] if _ok(e.get('relative_cost')) else None, '.0f')}% of its cost "
                 f"({'a saving of ' + format(saving, '.0f') + '%' if saving >= 0 else 'dearer by ' + format(-saving, '.0f') + '%'}"
                 f", the LLM answering {_fmt(e.get('llm_pct'), '.0f')}% of the questions).")
