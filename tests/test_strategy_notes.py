@@ -40,3 +40,12 @@ def test_slm_alone_within_the_target():
     rows = (_rows("cope", "cal", 0.0, [1, 1, 1, 0, 0], 0.0, 0.3, LLM, max_drop=0.25)
             + _rows("cope", "eval", 0.0, [1, 1, 0, 0, 0], 0.0, 0.3, LLM, max_drop=0.25))
     assert "the SLM alone was within 25 points" in note(pd.DataFrame(rows), "cope")
+
+
+def test_no_threshold_reached_with_work_on_both_tiers():
+    rows = (_rows("cope", "cal", 0.0, [0, 0, 0, 1, 0], 0.15, 0.8, LLM)
+            + _rows("cope", "cal", 0.5, [0, 0, 0, 0, 0], 0.6, 0.9, LLM)
+            + _rows("cope", "eval", 0.0, [0, 0, 1, 0, 0], 0.15, 0.8, LLM))
+    text = note(pd.DataFrame(rows), "cope")
+    assert text == ("tau 0.00: no tau came within 2 points of LLM-only's calibration pass@1 (80.0%; best 20.0% at "
+                    "tau 0.00), so the most accurate tau was taken (LLM share 15%).")

@@ -2,8 +2,8 @@
 
 Read from the per-question rows of ``corea.evaluate.online.evaluate_strategies``: the calibration sweep
 (``split == "cal"``, one block of rows per tau) and the held-out run at the chosen tau (``split == "eval"``).
-A note is written where a reader would stop: every step (or question) sent to the LLM, none sent, or a cost
-above LLM-only's. Percentages are of questions (pass@1) or of LLM-only's token cost.
+A note is written where a reader would stop: no threshold within the target (the most accurate one taken),
+every step (or question) sent to the LLM, none sent, or a cost above LLM-only's. Percentages are of questions (pass@1) or of LLM-only's token cost.
 """
 
 from __future__ import annotations
@@ -35,25 +35,22 @@ def note(frame: pd.DataFrame, strategy: str) -> str | None:
     reached = sweep[sweep["pass_at_1"] >= target - 1e-12]
     kept = sweep[sweep["llm_share"] < 0.999]  # thresholds that keep some work on the SLM
     parts = []
-    if share >= 0.999:
-        if reached.empty:
-            best = sweep.loc[sweep["pass_at_1"].idxmax()]
-            parts.append(f"no tau came within {100 * max_drop:.0f} points of LLM-only's calibration pass@1 "
-                         f"({100 * llm_cal:.1f}%; best {100 * best['pass_at_1']:.1f}% at tau {best['threshold']:.2f}), "
-                         f"so the most accurate tau was taken, and it sends everything to the LLM")
-        else:
-            best_kept = f"{100 * kept['pass_at_1'].max():.1f}%" if not kept.empty else "no such tau in the sweep"
-            parts.append(f"only thresholds that send everything to the LLM came within {100 * max_drop:.0f} points of "
-                         f"LLM-only's calibration pass@1 ({100 * llm_cal:.1f}%); those keeping work on the SLM "
-                         f"reached at most {best_kept}")
+    if reached.empty:  # the most accurate tau was taken, wherever it sends the work
+        best = sweep.loc[sweep["pass_at_1"].idxmax()]
+        where = (", and it sends everything to the LLM" if share >= 0.999 else
+                 ", and it never calls the LLM" if share <= 0.001 else f" (LLM share {100 * share:.0f}%)")
+        parts.append(f"no tau came within {100 * max_drop:.0f} points of LLM-only's calibration pass@1 "
+                     f"({100 * llm_cal:.1f}%; best {100 * best['pass_at_1']:.1f}% at tau {best['threshold']:.2f}), "
+                     f"so the most accurate tau was taken{where}")
+    elif share >= 0.999:
+        best_kept = f"{100 * kept['pass_at_1'].max():.1f}%" if not kept.empty else "no such tau in the sweep"
+        parts.append(f"only thresholds that send everything to the LLM came within {100 * max_drop:.0f} points of "
+                     f"LLM-only's calibration pass@1 ({100 * llm_cal:.1f}%); those keeping work on the SLM "
+                     f"reached at most {best_kept}")
     elif share <= 0.001:
-        if reached.empty:
-            parts.append(f"no tau came within {100 * max_drop:.0f} points of LLM-only's calibration pass@1 "
-                         f"({100 * llm_cal:.1f}%), so the most accurate tau was taken, and it never calls the LLM")
-        else:
-            parts.append(f"the SLM alone was within {100 * max_drop:.0f} points of LLM-only on the calibration split "
-                         f"({100 * reached['pass_at_1'].max():.1f}% vs {100 * llm_cal:.1f}%), so the cheapest tau "
-                         f"never calls the LLM")
+        parts.append(f"the SLM alone was within {100 * max_drop:.0f} points of LLM-only on the calibration split "
+                     f"({100 * reached['pass_at_1'].max():.1f}% vs {100 * llm_cal:.1f}%), so the cheapest tau "
+                     f"never calls the LLM")
     if cost > 1.0 + 1e-9:
         parts.append(f"it costs {100 * cost:.0f}% of LLM-only because the SLM's drafts and plans are paid on top of "
                      f"the LLM's calls and every handoff pays the prompt and prefix again "
