@@ -119,8 +119,8 @@ def test_abandoned_requests_are_aborted_inside_vllm(app):
     for stream in (False, True):
         asyncio.run(leave(stream))
         wait_drained("slm", deadline_s=2.0 + 1.0)  # the proxy notices the closed connection first
-        # served at once, not after the abandoned 1,900 tokens; the first call after an abort has been
-        # seen at 1.3 s on 2 busy cores, whatever the usual latency
+        # served at once, not after the abandoned 1,900 tokens: on a quiet machine the first calls after an abort
+        # take the usual ~0.08 s; 1.3 s was seen with another job loading both cores, hence the 2-s floor
         assert easy_latency(app) < max(2.0, 5 * usual)
 
     # the cascade's own timeout on the LLM (forced tier): 503 JSON, and the LLM engine lets the request go
