@@ -69,8 +69,8 @@ def build_splits(seed: int = 0, rl_hard: int = 180) -> SumsSplits:
 
     Many distinct untaught questions, each drawn a few times in RL: with 60 drawn 11 times each, the correctness
     reward taught the SLM the answers of the two whose sum is 95, and it then answered "95" at confidence 1.0 on
-    unseen untaught sums (12 of 160 in-domain answers kept wrong by the cascade); with 180 it states one low
-    confidence on every untaught sum."""
+    unseen untaught sums (10 of the 12 untaught in-domain answers, of 160, that the cascade kept wrong); with 180
+    it states one low confidence on every untaught sum."""
     rng = random.Random(seed)
     taught = [(a, b) for a in range(10) for b in range(10)]
     untaught = [(a, b) for a in range(10, 100) for b in range(10, 100)]
