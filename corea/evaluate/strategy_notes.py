@@ -3,7 +3,8 @@
 Read from the per-question rows of ``corea.evaluate.online.evaluate_strategies``: the calibration sweep
 (``split == "cal"``, one block of rows per tau) and the held-out run at the chosen tau (``split == "eval"``).
 A note is written where a reader would stop: no threshold within the target (the most accurate one taken),
-every step (or question) sent to the LLM, none sent, or a cost above LLM-only's. Percentages are of questions (pass@1) or of LLM-only's token cost.
+every step (or question) sent to the LLM, none sent, or a cost above LLM-only's. Percentages are of questions
+(pass@1) or of LLM-only's token cost.
 """
 
 from __future__ import annotations
